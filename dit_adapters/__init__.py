@@ -1,0 +1,1 @@
+"""Adapters that describe DiT families to tfmq-video (temporal block, blocks, attention sites)."""

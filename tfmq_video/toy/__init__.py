@@ -1,0 +1,1 @@
+"""The bundled toy world: procedural videos, a toy text encoder and the bundled models."""

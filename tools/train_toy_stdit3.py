@@ -1,0 +1,131 @@
+"""Train the bundled toy STDiT3 on procedural videos (rectified flow, as Open-Sora 1.2).
+
+Resumable: re-running with the same ``--run-dir`` continues from the last checkpoint.
+The EMA weights are exported as an STDiT3 folder (``config.json`` + ``model.safetensors``).
+
+    python tools/train_toy_stdit3.py --run-dir runs/toy_stdit3 --steps 3000 \
+        --export tfmq_video/assets/toy_stdit3
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from dit_adapters.opensora.loading import save_stdit3
+from dit_adapters.opensora.rflow import RFlowSampler
+from dit_adapters.opensora.stdit3 import STDiT3
+from tfmq_video.toy.data import FRAME_SIZE, NUM_FRAMES, clips_to_tensor, make_clips
+from tfmq_video.toy.training import EMA, RunState, load_run, save_run
+from tfmq_video.toy.world import TOY_SAMPLER_CONFIG, TOY_STDIT3_CONFIG, model_kwargs, toy_text_encoder
+
+log = logging.getLogger("train_toy_stdit3")
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--run-dir", type=Path, default=Path("runs/toy_stdit3"))
+    parser.add_argument("--export", type=Path, default=None, help="write the EMA model folder here at the end")
+    parser.add_argument("--steps", type=int, default=3000)
+    parser.add_argument("--max-minutes", type=float, default=None, help="stop (and export) after this much time")
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--lr", type=float, default=5e-4)
+    parser.add_argument("--warmup", type=int, default=200)
+    parser.add_argument("--ema-decay", type=float, default=0.998)
+    parser.add_argument("--checkpoint-every", type=int, default=100)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--no-bf16", action="store_true", help="train in float32 (slower on CPU)")
+    return parser.parse_args()
+
+
+def learning_rate(step: int, base: float, warmup: int, total: int) -> float:
+    """Linear warm-up, then cosine decay to 10% of ``base``."""
+    if step < warmup:
+        return base * (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return base * (0.1 + 0.9 * 0.5 * (1 + np.cos(np.pi * progress)))
+
+
+def training_batch(step: int, seed: int, batch_size: int) -> tuple[torch.Tensor, list[str]]:
+    """The batch of ``step``: a deterministic function of (seed, step), so resuming is exact."""
+    clips, specs = make_clips(seed * 1_000_003 + step, batch_size)
+    return clips_to_tensor(clips), [s.caption.text for s in specs]
+
+
+def train(args: argparse.Namespace) -> STDiT3:
+    torch.manual_seed(args.seed)
+    model = STDiT3(TOY_STDIT3_CONFIG)
+    model.initialize_weights()
+    ema = EMA(model, args.ema_decay)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.99), weight_decay=0.0)
+    run = load_run(args.run_dir, model, ema, optimizer) or RunState()
+    if run.step:
+        log.info("resumed %s at step %d (%.0f s trained)", args.run_dir, run.step, run.seconds)
+    sampler = RFlowSampler(TOY_SAMPLER_CONFIG)
+    encoder = toy_text_encoder()
+    noise_gen = torch.Generator()
+    model.train()
+    started = time.time()
+    seconds_before = run.seconds
+    progress = tqdm(total=args.steps, initial=run.step, desc="train toy STDiT3")
+    while run.step < args.steps:
+        if args.max_minutes is not None and (time.time() - started) / 60 > args.max_minutes:
+            log.info("time budget of %.1f min reached at step %d", args.max_minutes, run.step)
+            break
+        noise_gen.manual_seed(args.seed * 7919 + run.step)
+        x0, captions = training_batch(run.step, args.seed, args.batch_size)
+        y, mask = encoder.encode(captions)
+        noise = torch.randn(x0.shape, generator=noise_gen)
+        t = sampler.sample_training_t(len(x0), FRAME_SIZE, FRAME_SIZE, NUM_FRAMES, generator=noise_gen)
+        x_t = sampler.add_noise(x0, noise, t)
+        for group in optimizer.param_groups:
+            group["lr"] = learning_rate(run.step, args.lr, args.warmup, args.steps)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=not args.no_bf16):
+            pred = model(x_t, t, y, mask=mask, **model_kwargs(len(x0)))
+        loss = (pred.float() - sampler.velocity_target(x0, noise)).pow(2).mean()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        run.step += 1
+        ema.update(model, run.step)
+        run.losses.append((run.step, loss.item()))
+        progress.update(1)
+        progress.set_postfix(loss=f"{run.losses[-1][1]:.4f}")
+        if run.step % args.checkpoint_every == 0 or run.step == args.steps:
+            run.seconds = seconds_before + time.time() - started
+            save_run(args.run_dir, model, ema, optimizer, run)
+    run.seconds = seconds_before + time.time() - started
+    save_run(args.run_dir, model, ema, optimizer, run)
+    progress.close()
+
+    final = STDiT3(TOY_STDIT3_CONFIG)
+    final.load_state_dict(ema.shadow, strict=True)
+    if args.export is not None:
+        save_stdit3(final, args.export)
+        recent = [loss for _, loss in run.losses[-200:]]
+        record = {
+            "steps": run.step, "batch_size": args.batch_size, "lr": args.lr, "ema_decay": args.ema_decay,
+            "train_seconds": round(run.seconds, 1), "final_loss_mean_last_200": float(np.mean(recent)) if recent else None,
+            "seed": args.seed, "command": "python tools/train_toy_stdit3.py " + " ".join(
+                f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if v not in (None, False)),
+        }
+        (args.export / "training.json").write_text(json.dumps(record, indent=2) + "\n")
+        log.info("exported EMA model to %s", args.export)
+    return final
+
+
+def main() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    train(parse_args())
+
+
+if __name__ == "__main__":
+    main()
