@@ -23,7 +23,7 @@ from dit_adapters.opensora.loading import save_stdit3
 from dit_adapters.opensora.rflow import RFlowSampler
 from dit_adapters.opensora.stdit3 import STDiT3
 from tfmq_video.toy.data import FRAME_SIZE, NUM_FRAMES, clips_to_tensor, make_clips
-from tfmq_video.toy.training import EMA, RunState, load_run, save_run
+from tfmq_video.toy.training import EMA, RunState, load_run, pick_device, prefetched, save_run
 from tfmq_video.toy.world import TOY_SAMPLER_CONFIG, TOY_STDIT3_CONFIG, model_kwargs, toy_text_encoder
 
 log = logging.getLogger("train_toy_stdit3")
@@ -42,6 +42,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--checkpoint-every", type=int, default=100)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-bf16", action="store_true", help="train in float32 (slower on CPU)")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1 or auto (default: cpu)")
+    parser.add_argument("--data-workers", type=int, default=1, help="threads that build batches ahead")
     return parser.parse_args()
 
 
@@ -53,48 +55,53 @@ def learning_rate(step: int, base: float, warmup: int, total: int) -> float:
     return base * (0.1 + 0.9 * 0.5 * (1 + np.cos(np.pi * progress)))
 
 
-def training_batch(step: int, seed: int, batch_size: int) -> tuple[torch.Tensor, list[str]]:
-    """The batch of ``step``: a deterministic function of (seed, step), so resuming is exact."""
+def training_batch(step: int, seed: int, batch_size: int) -> dict[str, torch.Tensor]:
+    """The batch of ``step`` (clips, captions, noise, t): a deterministic function of (seed, step),
+    built on the CPU, so resuming is exact and the data do not depend on the device."""
     clips, specs = make_clips(seed * 1_000_003 + step, batch_size)
-    return clips_to_tensor(clips), [s.caption.text for s in specs]
+    x0 = clips_to_tensor(clips)
+    y, mask = toy_text_encoder().encode([s.caption.text for s in specs])
+    generator = torch.Generator().manual_seed(seed * 7919 + step)
+    noise = torch.randn(x0.shape, generator=generator)
+    t = RFlowSampler(TOY_SAMPLER_CONFIG).sample_training_t(len(x0), FRAME_SIZE, FRAME_SIZE, NUM_FRAMES, generator=generator)
+    return {"x0": x0, "y": y, "mask": mask, "noise": noise, "t": t}
 
 
 def train(args: argparse.Namespace) -> STDiT3:
+    device = pick_device(args.device)
     torch.manual_seed(args.seed)
     model = STDiT3(TOY_STDIT3_CONFIG)
     model.initialize_weights()
+    model.to(device)
     ema = EMA(model, args.ema_decay)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.99), weight_decay=0.0)
     run = load_run(args.run_dir, model, ema, optimizer) or RunState()
     if run.step:
         log.info("resumed %s at step %d (%.0f s trained)", args.run_dir, run.step, run.seconds)
     sampler = RFlowSampler(TOY_SAMPLER_CONFIG)
-    encoder = toy_text_encoder()
-    noise_gen = torch.Generator()
+    extra = {k: v.to(device) for k, v in model_kwargs(args.batch_size).items()}
     model.train()
     started = time.time()
     seconds_before = run.seconds
-    progress = tqdm(total=args.steps, initial=run.step, desc="train toy STDiT3")
-    while run.step < args.steps:
+    progress = tqdm(total=args.steps, initial=run.step, desc=f"train toy STDiT3 ({device})")
+    batches = prefetched(lambda step: training_batch(step, args.seed, args.batch_size), range(run.step, args.steps),
+                         workers=args.data_workers)
+    for step, cpu_batch in batches:
         if args.max_minutes is not None and (time.time() - started) / 60 > args.max_minutes:
-            log.info("time budget of %.1f min reached at step %d", args.max_minutes, run.step)
+            log.info("time budget of %.1f min reached at step %d", args.max_minutes, step)
             break
-        noise_gen.manual_seed(args.seed * 7919 + run.step)
-        x0, captions = training_batch(run.step, args.seed, args.batch_size)
-        y, mask = encoder.encode(captions)
-        noise = torch.randn(x0.shape, generator=noise_gen)
-        t = sampler.sample_training_t(len(x0), FRAME_SIZE, FRAME_SIZE, NUM_FRAMES, generator=noise_gen)
-        x_t = sampler.add_noise(x0, noise, t)
+        batch = {k: v.to(device, non_blocking=True) for k, v in cpu_batch.items()}
+        x_t = sampler.add_noise(batch["x0"], batch["noise"], batch["t"])
         for group in optimizer.param_groups:
-            group["lr"] = learning_rate(run.step, args.lr, args.warmup, args.steps)
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=not args.no_bf16):
-            pred = model(x_t, t, y, mask=mask, **model_kwargs(len(x0)))
-        loss = (pred.float() - sampler.velocity_target(x0, noise)).pow(2).mean()
+            group["lr"] = learning_rate(step, args.lr, args.warmup, args.steps)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=not args.no_bf16):
+            pred = model(x_t, batch["t"], batch["y"], mask=batch["mask"], **extra)
+        loss = (pred.float() - sampler.velocity_target(batch["x0"], batch["noise"])).pow(2).mean()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
-        run.step += 1
+        run.step = step + 1
         ema.update(model, run.step)
         run.losses.append((run.step, loss.item()))
         progress.update(1)
@@ -102,19 +109,22 @@ def train(args: argparse.Namespace) -> STDiT3:
         if run.step % args.checkpoint_every == 0 or run.step == args.steps:
             run.seconds = seconds_before + time.time() - started
             save_run(args.run_dir, model, ema, optimizer, run)
+    batches.close()
     run.seconds = seconds_before + time.time() - started
     save_run(args.run_dir, model, ema, optimizer, run)
     progress.close()
 
     final = STDiT3(TOY_STDIT3_CONFIG)
-    final.load_state_dict(ema.shadow, strict=True)
+    final.load_state_dict({k: v.cpu() for k, v in ema.shadow.items()}, strict=True)
     if args.export is not None:
         save_stdit3(final, args.export)
         recent = [loss for _, loss in run.losses[-200:]]
         record = {
             "steps": run.step, "batch_size": args.batch_size, "lr": args.lr, "ema_decay": args.ema_decay,
             "train_seconds": round(run.seconds, 1), "final_loss_mean_last_200": float(np.mean(recent)) if recent else None,
-            "seed": args.seed, "command": "python tools/train_toy_stdit3.py " + " ".join(
+            "seed": args.seed, "device": str(device),
+            "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+            "command": "python tools/train_toy_stdit3.py " + " ".join(
                 f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if v not in (None, False)),
         }
         (args.export / "training.json").write_text(json.dumps(record, indent=2) + "\n")

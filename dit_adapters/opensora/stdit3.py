@@ -203,10 +203,11 @@ class PositionEmbedding2D(nn.Module):
         if base_size is not None:
             grid_h = grid_h * (base_size / h)
             grid_w = grid_w * (base_size / w)
-        grid_w_2d, grid_h_2d = torch.meshgrid(grid_w, grid_h, indexing="ij")  # (w, h)
-        grid_h_flat = grid_h_2d.t().reshape(-1)
-        grid_w_flat = grid_w_2d.t().reshape(-1)
-        emb = torch.cat([self._sin_cos(grid_h_flat), self._sin_cos(grid_w_flat)], dim=-1)
+        # Token order is row-major (h, w). As upstream, the first half of the channels encodes
+        # the column (w) coordinate and the second half the row (h) coordinate.
+        column = grid_w[None, :].expand(h, w).reshape(-1)
+        row = grid_h[:, None].expand(h, w).reshape(-1)
+        emb = torch.cat([self._sin_cos(column), self._sin_cos(row)], dim=-1)
         return emb.unsqueeze(0).to(dtype)
 
 
@@ -481,7 +482,7 @@ class STDiT3(nn.Module):
 
     def patch_grid(self, x: torch.Tensor) -> tuple[int, int, int]:
         """Number of patches along (T, H, W) after padding to the patch size."""
-        return tuple(math.ceil(n / p) for n, p in zip(x.shape[2:], self.config.patch_size))  # type: ignore[return-value]
+        return tuple(math.ceil(n / p) for n, p in zip(x.shape[2:], self.config.patch_size, strict=True))  # type: ignore[return-value]
 
     def forward(
         self,
@@ -523,7 +524,7 @@ class STDiT3(nn.Module):
         x = rearrange(x, "B (T S) C -> B T S C", T=T, S=S) + pos_emb[:, None]
         x = rearrange(x, "B T S C -> B (T S) C")
 
-        for spatial_block, temporal_block in zip(self.spatial_blocks, self.temporal_blocks):
+        for spatial_block, temporal_block in zip(self.spatial_blocks, self.temporal_blocks, strict=True):
             x = spatial_block(x, y, t_mlp, y_mask, T, S)
             x = temporal_block(x, y, t_mlp, y_mask, T, S)
 

@@ -10,8 +10,11 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -87,12 +90,46 @@ def save_run(folder: Path, model: nn.Module, ema: EMA, optimizer: torch.optim.Op
 
 
 def load_run(folder: Path, model: nn.Module, ema: EMA, optimizer: torch.optim.Optimizer) -> RunState | None:
-    """Restore a run saved by :func:`save_run`; ``None`` when ``folder`` holds no checkpoint."""
+    """Restore a run saved by :func:`save_run`; ``None`` when ``folder`` holds no checkpoint.
+
+    Tensors land on the device of ``model``'s parameters.
+    """
     state_path = folder / "state.json"
     if not state_path.is_file():
         return None
+    device = str(next(model.parameters()).device)
     record = json.loads(state_path.read_text())
-    model.load_state_dict(load_file(str(folder / "model.safetensors")))
-    ema.shadow = load_file(str(folder / "ema.safetensors"))
-    restore_optimizer(optimizer, load_file(str(folder / "optimizer.safetensors")), record["param_groups"])
+    model.load_state_dict(load_file(str(folder / "model.safetensors"), device=device))
+    ema.shadow = load_file(str(folder / "ema.safetensors"), device=device)
+    restore_optimizer(optimizer, load_file(str(folder / "optimizer.safetensors"), device=device), record["param_groups"])
     return RunState(record["step"], record["seconds"], [tuple(x) for x in record["losses"]], record.get("extra", {}))
+
+
+Batch = TypeVar("Batch")
+
+
+def prefetched(make_batch: Callable[[int], Batch], steps: range, workers: int = 2) -> Iterator[tuple[int, Batch]]:
+    """Yield ``(step, make_batch(step))`` in order while later batches are built in threads.
+
+    Batch building (procedural clips, numpy) would otherwise leave a GPU idle between steps.
+    """
+    ahead = max(1, workers * 2)
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        pending = [(step, pool.submit(make_batch, step)) for step in steps[:ahead]]
+        next_index = ahead
+        while pending:
+            step, future = pending.pop(0)
+            if next_index < len(steps):
+                pending.append((steps[next_index], pool.submit(make_batch, steps[next_index])))
+                next_index += 1
+            yield step, future.result()
+
+
+def pick_device(name: str) -> torch.device:
+    """``"auto"`` picks CUDA when present; otherwise the named device, checked to exist."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit(f"--device {name}: CUDA is not available in this torch build ({torch.__version__})")
+    return device

@@ -11,6 +11,9 @@ import torch
 from dit_adapters.opensora.loading import load_stdit3
 from dit_adapters.opensora.rflow import RFlowSampler, SamplerConfig, StepCallback, seeded_noise
 from dit_adapters.opensora.stdit3 import STDiT3, STDiT3Config
+from tfmq_video.checkpoint import load_into, read_config, read_weights
+from tfmq_video.errors import CheckpointError
+from tfmq_video.toy.classifier import ToyClassifierConfig, ToyVideoClassifier
 from tfmq_video.toy.data import FRAME_SIZE, NUM_FRAMES, tensor_to_clips
 from tfmq_video.toy.text import ToyTextEncoder
 
@@ -98,3 +101,16 @@ def generate_clips(model: STDiT3, captions: Sequence[str], seeds: Sequence[int],
     """Sample uint8 (N, T, H, W, 3) clips from an STDiT3 (see :func:`generate_latents`)."""
     latents = generate_latents(model, model.y_embedder.y_embedding, captions, seeds, **kwargs)  # type: ignore[arg-type]
     return tensor_to_clips(latents)
+
+
+def load_toy_classifier(folder: str | Path | None = None) -> ToyVideoClassifier:
+    """The bundled toy video classifier (float32, eval mode); its features are the toy FVD space."""
+    folder = Path(folder or TOY_CLASSIFIER_DIR)
+    raw = read_config(folder)
+    try:
+        config = ToyClassifierConfig.from_dict(raw)
+    except (TypeError, ValueError) as err:
+        raise CheckpointError(f"{folder / 'config.json'}: {err}") from err
+    model = ToyVideoClassifier(config)
+    load_into(model, read_weights(folder), str(folder))
+    return model.eval()

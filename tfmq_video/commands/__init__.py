@@ -1,0 +1,1 @@
+"""Subcommands of the ``tfmq-video`` command line (see :mod:`tfmq_video.cli`)."""

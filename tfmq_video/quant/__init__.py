@@ -1,0 +1,1 @@
+"""Quantization: the shared affine math, quantizers and fake-quant modules."""

@@ -1,0 +1,82 @@
+"""Uniform affine quantization math shared by calibration (fake quant) and the runtime (real ints).
+
+``q = clamp(round(x / scale) + zero_point, qmin, qmax)`` and ``x_hat = (q - zero_point) * scale``.
+Symmetric schemes use ``zero_point = 0`` and a signed range; asymmetric ones an unsigned
+range with an integer zero point. Scales broadcast against ``x`` (per tensor, per channel,
+per group or per token: the caller shapes them).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from tfmq_video.errors import ConfigError
+
+SUPPORTED_BITS = range(2, 9)
+
+
+@dataclass(frozen=True)
+class IntRange:
+    """The integer grid of a ``bits``-wide code, signed (symmetric) or unsigned (asymmetric)."""
+
+    bits: int
+    signed: bool
+
+    def __post_init__(self) -> None:
+        if self.bits not in SUPPORTED_BITS:
+            raise ConfigError(f"unsupported bit width {self.bits}: use 2 to 8 bits")
+
+    @property
+    def qmin(self) -> int:
+        """Smallest code."""
+        return -(2 ** (self.bits - 1)) if self.signed else 0
+
+    @property
+    def qmax(self) -> int:
+        """Largest code."""
+        return 2 ** (self.bits - 1) - 1 if self.signed else 2**self.bits - 1
+
+
+def round_ste(x: torch.Tensor) -> torch.Tensor:
+    """Round to nearest with a straight-through gradient."""
+    return (x.round() - x).detach() + x
+
+
+def quantize(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | float, grid: IntRange) -> torch.Tensor:
+    """Integer codes of ``x`` (as a float tensor holding integers; cast with ``.to(torch.int8)``)."""
+    return torch.clamp(torch.round(x / scale) + zero_point, grid.qmin, grid.qmax)
+
+
+def dequantize(q: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | float) -> torch.Tensor:
+    """Real values of codes ``q``."""
+    return (q.float() - zero_point) * scale
+
+
+def fake_quantize(
+    x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | float, grid: IntRange
+) -> torch.Tensor:
+    """Quantize then dequantize; gradients pass straight through the rounding (LSQ-compatible:
+    gradients also reach ``scale`` and ``zero_point`` when they require grad)."""
+    q = torch.clamp(round_ste(x / scale) + zero_point, grid.qmin, grid.qmax)
+    return (q - zero_point) * scale
+
+
+def minmax_qparams(
+    x_min: torch.Tensor, x_max: torch.Tensor, grid: IntRange, eps: float = 1e-8
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scale and zero point covering ``[x_min, x_max]`` (elementwise over the given shapes).
+
+    Signed grids are symmetric around 0 (zero point 0); unsigned grids are asymmetric and
+    always include 0 so that zero padding is exact.
+    """
+    if grid.signed:
+        bound = torch.maximum(x_min.abs(), x_max.abs())
+        scale = torch.clamp(bound / grid.qmax, min=eps)
+        return scale, torch.zeros_like(scale)
+    lo = torch.clamp(x_min, max=0.0)
+    hi = torch.clamp(x_max, min=0.0)
+    scale = torch.clamp((hi - lo) / (grid.qmax - grid.qmin), min=eps)
+    zero_point = torch.clamp(torch.round(grid.qmin - lo / scale), grid.qmin, grid.qmax)
+    return scale, zero_point
