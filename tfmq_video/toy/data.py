@@ -91,8 +91,8 @@ def _muted_color(rng: np.random.Generator) -> tuple[int, int, int]:
 
 def random_spec(rng: np.random.Generator, caption: Caption) -> ClipSpec:
     """Draw the nuisance variables of a clip with ``caption`` so the object stays in view."""
-    size = float(rng.uniform(9.0, 13.0))
-    speed = float(rng.uniform(1.5, 2.8))
+    size = float(rng.uniform(10.0, 14.0))
+    speed = float(rng.uniform(2.0, 3.0))
     travel = speed * (NUM_FRAMES - 1)
     margin = size / 2 + 1
     dx, dy = DIRECTIONS[caption.direction]
