@@ -3,20 +3,18 @@
 from __future__ import annotations
 
 import argparse
-import importlib
+from collections.abc import Sequence
+
+from tfmq_video.cli import register_subcommands
 
 # benchmark name -> (module exposing add_arguments/run, help)
 BENCHMARKS: dict[str, tuple[str, str]] = {}
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Register one sub-parser per available benchmark."""
+def add_arguments(parser: argparse.ArgumentParser, argv: Sequence[str] = ()) -> None:
+    """Register one sub-parser per benchmark; only the one named in ``argv`` is imported."""
     sub = parser.add_subparsers(dest="benchmark", required=True, metavar="BENCHMARK")
-    for name, (module_name, help_text) in BENCHMARKS.items():
-        bench_parser = sub.add_parser(name, help=help_text, description=help_text)
-        module = importlib.import_module(module_name)
-        module.add_arguments(bench_parser)
-        bench_parser.set_defaults(_bench_run=module.run)
+    register_subcommands(sub, BENCHMARKS, argv, "_bench_run")
 
 
 def run(args: argparse.Namespace) -> int:

@@ -1,0 +1,48 @@
+"""The command line and the demo, run as a user runs them (real subprocess, real files)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from eval_video.io import read_video
+from tfmq_video.cli import main
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "tfmq_video", *args], capture_output=True, text=True, timeout=600)
+
+
+def test_help_lists_every_command() -> None:
+    result = run_cli("--help")
+    assert result.returncode == 0
+    for command in ("demo", "calibrate", "bench", "eval"):
+        assert command in result.stdout
+
+
+def test_demo_writes_videos_strip_and_summary(tmp_path: Path) -> None:
+    out = tmp_path / "demo"
+    result = run_cli("demo", "--out", str(out), "--captions", "a red square moving left", "a blue circle moving up",
+                     "--seeds", "3", "4", "--steps", "2", "--threads", "1")
+    assert result.returncode == 0, result.stderr
+    summary = json.loads((out / "demo.json").read_text())
+    assert [v["seed"] for v in summary["videos"]] == [3, 4]
+    for video in summary["videos"]:
+        assert video["path"] in result.stdout
+        frames = read_video(video["path"])
+        assert frames.shape == (8, 32, 32, 3)
+    assert (out / "fp_strip.png").stat().st_size > 0
+
+
+def test_demo_rejects_unknown_words_before_work(tmp_path: Path, capsys) -> None:
+    code = main(["demo", "--out", str(tmp_path), "--captions", "a purple square moving left"])
+    assert code == 2
+    assert "purple" in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())
+
+
+def test_demo_needs_one_seed_per_caption(tmp_path: Path, capsys) -> None:
+    assert main(["demo", "--out", str(tmp_path), "--captions", "a red square moving left", "--seeds", "1", "2"]) == 2
+    assert "one per caption" in capsys.readouterr().err

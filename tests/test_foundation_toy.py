@@ -1,0 +1,102 @@
+"""The toy world: procedural data, text encoder, bundled models, training helpers."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from tfmq_video.errors import CheckpointError, ConfigError
+from tfmq_video.toy.data import (
+    COLORS,
+    DIRECTIONS,
+    NUM_FRAMES,
+    all_captions,
+    clips_to_tensor,
+    held_out_captions,
+    make_clips,
+    tensor_to_clips,
+    train_captions,
+)
+from tfmq_video.toy.world import TOY_SAMPLER_CONFIG, TOY_STDIT3_CONFIG, generate_clips, load_toy_classifier, load_toy_stdit3, toy_text_encoder
+
+
+def test_clips_are_deterministic_and_differ_by_seed() -> None:
+    a, specs = make_clips(7, 6)
+    b, _ = make_clips(7, 6)
+    c, _ = make_clips(8, 6)
+    assert a.dtype == np.uint8 and a.shape == (6, NUM_FRAMES, 32, 32, 3)
+    assert np.array_equal(a, b) and not np.array_equal(a, c)
+    assert all(s.caption in train_captions() for s in specs)
+
+
+def test_objects_move_as_captioned() -> None:
+    clips, specs = make_clips(3, 24, all_captions())
+    for clip, spec in zip(clips, specs, strict=True):
+        # The object is the set of pixels closest to its color; its centroid moves along the caption's direction.
+        color = np.array(COLORS[spec.caption.color])
+        centroids = []
+        for frame in clip.astype(int):
+            near = np.abs(frame - color).sum(-1) < 40
+            ys, xs = np.nonzero(near)
+            centroids.append((xs.mean(), ys.mean()))
+        dx, dy = np.subtract(centroids[-1], centroids[0])
+        ex, ey = DIRECTIONS[spec.caption.direction]
+        assert np.sign(round(dx)) == ex and np.sign(round(dy)) == ey, spec
+
+
+def test_held_out_captions_never_appear_in_training_but_their_words_do() -> None:
+    held, train = set(held_out_captions()), set(train_captions())
+    assert held.isdisjoint(train) and len(held) + len(train) == len(all_captions())
+    for caption in held:
+        assert any(c.shape == caption.shape for c in train)
+        assert any(c.color == caption.color for c in train)
+        assert any(c.direction == caption.direction for c in train)
+
+
+def test_tensor_round_trip() -> None:
+    clips, _ = make_clips(1, 2)
+    x = clips_to_tensor(clips)
+    assert x.shape == (2, 3, NUM_FRAMES, 32, 32) and x.min() >= -1 and x.max() <= 1
+    assert np.array_equal(tensor_to_clips(x), clips)
+
+
+def test_text_encoder_masks_padding_and_rejects_unknown_words() -> None:
+    encoder = toy_text_encoder()
+    y, mask = encoder.encode(["a red square moving left", "a red square moving up"])
+    assert y.shape == (2, 1, 8, 64) and mask.tolist()[0] == [1] * 5 + [0] * 3
+    assert torch.equal(y[0, 0, :4], y[1, 0, :4]) and not torch.equal(y[0, 0, 4], y[1, 0, 4])
+    assert not y[0, 0, 5:].any()
+    with pytest.raises(ConfigError, match="purple"):
+        encoder.encode(["a purple square moving left"])
+
+
+def test_bundled_models_load_and_classifier_reads_fresh_clips() -> None:
+    model = load_toy_stdit3()
+    assert model.config == TOY_STDIT3_CONFIG
+    assert len(model.spatial_blocks) >= 4 and len(model.temporal_blocks) >= 4
+    classifier = load_toy_classifier()
+    clips, specs = make_clips(424242, 48, all_captions())
+    predicted = classifier.predict(clips_to_tensor(clips))
+    labels = torch.tensor([s.caption.labels for s in specs])
+    for i, head in enumerate(("shape", "color", "direction")):
+        accuracy = (predicted[head] == labels[:, i]).float().mean().item()
+        assert accuracy >= 0.95, (head, accuracy)
+    assert classifier.features(clips_to_tensor(clips[:2])).shape == (2, classifier.config.feature_dim)
+
+
+def test_generation_is_reproducible_per_seed() -> None:
+    model = load_toy_stdit3()
+    config = replace(TOY_SAMPLER_CONFIG, num_steps=3)
+    a = generate_clips(model, ["a red square moving left", "a blue circle moving up"], [1, 2], sampler_config=config)
+    b = generate_clips(model, ["a blue circle moving up"], [2], sampler_config=config)
+    assert a.shape == (2, NUM_FRAMES, 32, 32, 3)
+    assert np.abs(a[1].astype(int) - b[0].astype(int)).max() <= 1  # batch composition barely matters
+
+
+def test_classifier_folder_errors(tmp_path: Path) -> None:
+    with pytest.raises(CheckpointError, match="config.json"):
+        load_toy_classifier(tmp_path)
