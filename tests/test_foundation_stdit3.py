@@ -46,7 +46,7 @@ def test_tiny_forward_shape_and_backward_reaches_every_trainable_parameter() -> 
     model = STDiT3(TINY)
     model.initialize_weights()
     # Zero-initialized output layers would block gradients to the rest: give them values.
-    for name, p in model.named_parameters():
+    for p in model.parameters():
         if p.requires_grad and not p.detach().abs().sum():
             torch.nn.init.normal_(p, std=0.02)
     out = model(**tiny_inputs())

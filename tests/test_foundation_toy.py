@@ -21,7 +21,14 @@ from tfmq_video.toy.data import (
     tensor_to_clips,
     train_captions,
 )
-from tfmq_video.toy.world import TOY_SAMPLER_CONFIG, TOY_STDIT3_CONFIG, generate_clips, load_toy_classifier, load_toy_stdit3, toy_text_encoder
+from tfmq_video.toy.world import (
+    TOY_SAMPLER_CONFIG,
+    TOY_STDIT3_CONFIG,
+    generate_clips,
+    load_toy_classifier,
+    load_toy_stdit3,
+    toy_text_encoder,
+)
 
 
 def test_clips_are_deterministic_and_differ_by_seed() -> None:

@@ -64,7 +64,13 @@ def file_stem(index: int, caption: str, seed: int) -> str:
 def run(args: argparse.Namespace) -> int:
     """Generate, write and report the demo videos."""
     from eval_video.io import make_strip, write_png, write_video
-    from tfmq_video.toy.world import TOY_FPS, TOY_SAMPLER_CONFIG, generate_clips, load_toy_stdit3, toy_text_encoder
+    from tfmq_video.toy.world import (
+        TOY_FPS,
+        TOY_SAMPLER_CONFIG,
+        generate_clips,
+        load_toy_stdit3,
+        toy_text_encoder,
+    )
 
     if args.threads:
         torch.set_num_threads(args.threads)
