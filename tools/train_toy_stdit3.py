@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from dit_adapters.opensora.loading import save_stdit3
+from dit_adapters.opensora.loading import load_stdit3, save_stdit3
 from dit_adapters.opensora.rflow import RFlowSampler
 from dit_adapters.opensora.stdit3 import STDiT3
 from tfmq_video.toy.data import FRAME_SIZE, NUM_FRAMES, clips_to_tensor, make_clips
@@ -43,6 +43,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-bf16", action="store_true", help="train in float32 (slower on CPU)")
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1 or auto (default: cpu)")
+    parser.add_argument("--init-from", type=Path, default=None,
+                        help="start from the weights of an exported model folder (a warm start; fresh optimizer)")
     parser.add_argument("--data-workers", type=int, default=1, help="threads that build batches ahead")
     return parser.parse_args()
 
@@ -72,6 +74,9 @@ def train(args: argparse.Namespace) -> STDiT3:
     torch.manual_seed(args.seed)
     model = STDiT3(TOY_STDIT3_CONFIG)
     model.initialize_weights()
+    if args.init_from is not None:
+        model.load_state_dict(load_stdit3(args.init_from).state_dict())
+        log.info("warm start from %s", args.init_from)
     model.to(device)
     ema = EMA(model, args.ema_decay)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.99), weight_decay=0.0)

@@ -1,0 +1,166 @@
+"""Measure the toy world's quality bar and write ``docs/toy_world.md`` (+ JSON).
+
+1. Caption following: the FP toy STDiT3, sampled with the default steps and guidance, on
+   held-out captions (combinations never seen in training) and on training captions; the
+   bundled classifier labels each video (shape, color, direction).
+2. FVD in the toy feature space (the classifier's penultimate features) against fresh
+   procedural videos, for: fresh procedural videos of another seed (the noise floor), the FP
+   model, and the FP model with its weights perturbed by Gaussian noise (damaged models).
+
+    python tools/measure_toy_world.py --out docs/toy_world.md --json docs/toy_world.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import logging
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from eval_video.frechet import frechet_distance_features
+from eval_video.io import make_strip, write_png
+from tfmq_video.toy.classifier import ToyVideoClassifier
+from tfmq_video.toy.data import Caption, clips_to_tensor, held_out_captions, make_clips, train_captions
+from tfmq_video.toy.world import TOY_SAMPLER_CONFIG, generate_latents, load_toy_classifier, load_toy_stdit3
+
+log = logging.getLogger("measure_toy_world")
+HEADS = ("shape", "color", "direction")
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, default=Path("docs/toy_world.md"))
+    parser.add_argument("--json", type=Path, default=Path("docs/toy_world.json"))
+    parser.add_argument("--strip", type=Path, default=Path("docs/toy_world_samples.png"))
+    parser.add_argument("--held-out-seeds", type=int, default=16, help="videos per held-out caption")
+    parser.add_argument("--train-seeds", type=int, default=2, help="videos per training caption")
+    parser.add_argument("--fvd-videos", type=int, default=192, help="videos per FVD set")
+    parser.add_argument("--damage", type=float, nargs="+", default=[0.05, 0.3],
+                        help="relative std of the weight noise of the damaged models")
+    parser.add_argument("--batch-size", type=int, default=24)
+    return parser.parse_args()
+
+
+def caption_accuracy(classifier: ToyVideoClassifier, videos: torch.Tensor, captions: Sequence[Caption]) -> dict:
+    """Share of videos whose predicted (shape, color, direction) match the caption, per head and all three."""
+    predicted = classifier.predict(videos.clamp(-1, 1))
+    labels = torch.tensor([c.labels for c in captions])
+    correct = torch.stack([predicted[h] == labels[:, i] for i, h in enumerate(HEADS)], 1)
+    scores = {h: float(correct[:, i].float().mean()) for i, h in enumerate(HEADS)}
+    scores["all"] = float(correct.all(1).float().mean())
+    scores["n"] = len(captions)
+    return scores
+
+
+def sample(model: torch.nn.Module, captions: Sequence[Caption], first_seed: int, batch_size: int) -> torch.Tensor:
+    """FP samples, one seed per caption, with the default toy sampler."""
+    seeds = list(range(first_seed, first_seed + len(captions)))
+    return generate_latents(model, model.y_embedder.y_embedding, [c.text for c in captions], seeds,
+                            sampler_config=TOY_SAMPLER_CONFIG, batch_size=batch_size, progress=True)
+
+
+def damaged(model: torch.nn.Module, relative_std: float, seed: int = 0) -> torch.nn.Module:
+    """A copy of ``model`` with Gaussian noise of ``relative_std`` x each weight tensor's std added."""
+    generator = torch.Generator().manual_seed(seed)
+    copy_ = copy.deepcopy(model)
+    with torch.no_grad():
+        for p in copy_.parameters():
+            if p.requires_grad and p.numel() > 1:
+                p.add_(torch.randn(p.shape, generator=generator) * p.std() * relative_std)
+    return copy_
+
+
+@torch.no_grad()
+def features(classifier: ToyVideoClassifier, videos: torch.Tensor) -> np.ndarray:
+    """Toy FVD features of (N, 3, T, H, W) videos in [-1, 1]."""
+    return torch.cat([classifier.features(chunk.clamp(-1, 1)) for chunk in videos.split(64)]).double().numpy()
+
+
+def cycle(captions: Sequence[Caption], count: int) -> list[Caption]:
+    """``count`` captions cycling through ``captions``."""
+    return [captions[i % len(captions)] for i in range(count)]
+
+
+def measure(args: argparse.Namespace) -> dict:
+    """Run every measurement; returns the JSON record."""
+    started = time.perf_counter()
+    model, classifier = load_toy_stdit3(), load_toy_classifier()
+    held = [c for c in held_out_captions() for _ in range(args.held_out_seeds)]
+    train = [c for c in train_captions() for _ in range(args.train_seeds)]
+    held_videos = sample(model, held, 10_000, args.batch_size)
+    train_videos = sample(model, train, 20_000, args.batch_size)
+    record: dict = {
+        "sampler": {"num_steps": TOY_SAMPLER_CONFIG.num_steps, "guidance_scale": TOY_SAMPLER_CONFIG.guidance_scale,
+                    "shift": TOY_SAMPLER_CONFIG.fixed_shift},
+        "accuracy_held_out": caption_accuracy(classifier, held_videos, held),
+        "accuracy_train_captions": caption_accuracy(classifier, train_videos, train),
+    }
+    fvd_captions = cycle(train_captions(), args.fvd_videos)
+    reference, _ = make_clips(777_001, args.fvd_videos, fvd_captions)
+    floor, _ = make_clips(777_002, args.fvd_videos, fvd_captions)
+    reference_features = features(classifier, clips_to_tensor(reference))
+    fvd = {"procedural (noise floor)": frechet_distance_features(features(classifier, clips_to_tensor(floor)),
+                                                                 reference_features)}
+    fp_videos = sample(model, fvd_captions, 30_000, args.batch_size)
+    fvd["FP model"] = frechet_distance_features(features(classifier, fp_videos), reference_features)
+    rows = {"FP": fp_videos[:6]}
+    for std in args.damage:
+        videos = sample(damaged(model, std), fvd_captions, 30_000, args.batch_size)
+        fvd[f"weights + {std:g} x std noise"] = frechet_distance_features(features(classifier, videos), reference_features)
+        rows[f"noise {std:g}"] = videos[:6]
+    record["fvd_toy"] = fvd
+    record["fvd_videos"] = args.fvd_videos
+    record["seconds"] = round(time.perf_counter() - started, 1)
+    write_samples(args.strip, held_videos[:: args.held_out_seeds], held[:: args.held_out_seeds], rows, fvd_captions)
+    return record
+
+
+def write_samples(path: Path, held_videos: torch.Tensor, held: Sequence[Caption], rows: dict, captions: Sequence[Caption]
+                  ) -> None:
+    """A PNG strip: one held-out sample per caption, then FP vs damaged samples of the same seeds."""
+    from tfmq_video.toy.data import tensor_to_clips
+
+    strip_rows = {f"held-out: {c.text}": clip for c, clip in zip(held, tensor_to_clips(held_videos), strict=True)}
+    for name, videos in rows.items():
+        for i, clip in enumerate(tensor_to_clips(videos)[:2]):
+            strip_rows[f"{name}: {captions[i].text}"] = clip
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_png(path, make_strip(strip_rows, label_width=300))
+
+
+def markdown(record: dict, args: argparse.Namespace) -> str:
+    """The ``docs/toy_world.md`` measurement section."""
+    lines = ["| captions | N | shape | color | direction | all three |", "|---|---|---|---|---|---|"]
+    for key, name in (("accuracy_held_out", "held-out"), ("accuracy_train_captions", "training")):
+        a = record[key]
+        lines.append(f"| {name} | {a['n']} | {a['shape']:.1%} | {a['color']:.1%} | {a['direction']:.1%} | {a['all']:.1%} |")
+    lines += ["", f"| videos vs fresh procedural videos (N = {record['fvd_videos']} each) | toy FVD |", "|---|---|"]
+    lines += [f"| {name} | {value:.2f} |" for name, value in record["fvd_toy"].items()]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    args = parse_args()
+    record = measure(args)
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps(record, indent=2) + "\n")
+    table = markdown(record, args)
+    print(table)
+    marker = "<!-- measured -->"
+    if args.out.is_file() and marker in args.out.read_text():
+        head = args.out.read_text().split(marker)[0]
+        args.out.write_text(head + marker + "\n" + table + "\n")
+    else:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text("# The toy world\n\n" + marker + "\n" + table + "\n")
+
+
+if __name__ == "__main__":
+    main()
