@@ -401,6 +401,24 @@ class T2IFinalLayer(nn.Module):
 # --------------------------------------------------------------------------- model
 
 
+@dataclass
+class STDiT3BlockInputs:
+    """What every block needs, as :meth:`STDiT3.embed` returns it.
+
+    ``x`` (B, N, C) tokens; ``y`` (B, L, C) caption; ``y_mask`` (B, L) bool or None;
+    ``t`` (B, C) and ``t_mlp`` (B, 6C) temporal features; ``grid`` (T, H, W) patches;
+    ``video_size`` (Tx, Hx, Wx) of the input latents.
+    """
+
+    x: torch.Tensor
+    y: torch.Tensor
+    y_mask: torch.Tensor | None
+    t: torch.Tensor
+    t_mlp: torch.Tensor
+    grid: tuple[int, int, int]
+    video_size: tuple[int, int, int]
+
+
 class STDiT3(nn.Module):
     """Open-Sora 1.2 spatial-temporal DiT (see module docstring)."""
 
@@ -484,6 +502,54 @@ class STDiT3(nn.Module):
         """Number of patches along (T, H, W) after padding to the patch size."""
         return tuple(math.ceil(n / p) for n, p in zip(x.shape[2:], self.config.patch_size, strict=True))  # type: ignore[return-value]
 
+    def embed(
+        self,
+        x: torch.Tensor,
+        timestep: torch.Tensor,
+        y: torch.Tensor,
+        mask: torch.Tensor | None = None,
+        x_mask: torch.Tensor | None = None,
+        fps: torch.Tensor | None = None,
+        height: torch.Tensor | None = None,
+        width: torch.Tensor | None = None,
+        **_: object,
+    ) -> STDiT3BlockInputs:
+        """Everything before the first block: tokens, caption, temporal features and grid sizes.
+
+        Same arguments as :meth:`forward`; ``forward`` is ``embed``, the blocks, then ``head``.
+        """
+        if x_mask is not None:
+            raise NotImplementedError("x_mask (frame conditioning) is not supported by this port")
+        if fps is None:
+            raise ValueError("STDiT3.forward needs fps (a tensor of frames per second, e.g. torch.tensor([24.]))")
+        dtype = self.x_embedder.proj.weight.dtype
+        x, timestep, y = x.to(dtype), timestep.to(dtype), y.to(dtype)
+        T, H, W = self.patch_grid(x)
+        S = H * W
+
+        if height is None or width is None:
+            scale = 1.0
+        else:
+            scale = float((height.reshape(-1)[0] * width.reshape(-1)[0]) ** 0.5) / self.config.input_sq_size
+        pos_emb = self.pos_embed(H, W, scale=scale, base_size=round(S**0.5), dtype=x.dtype)  # (1, S, C)
+
+        t, t_mlp = self.time_embedding(timestep, fps.to(dtype))
+        y, y_mask = self.encode_text(y, mask)
+
+        tokens = self.x_embedder(x)  # (B, T*S, C)
+        tokens = rearrange(tokens, "B (T S) C -> B T S C", T=T, S=S) + pos_emb[:, None]
+        tokens = rearrange(tokens, "B T S C -> B (T S) C")
+        return STDiT3BlockInputs(tokens, y, y_mask, t, t_mlp, (T, H, W), tuple(x.shape[2:]))  # type: ignore[arg-type]
+
+    def blocks_in_order(self) -> list[STDiT3Block]:
+        """Spatial and temporal blocks interleaved, in the order the forward pass runs them."""
+        return [block for pair in zip(self.spatial_blocks, self.temporal_blocks, strict=True) for block in pair]
+
+    def head(self, x: torch.Tensor, inputs: STDiT3BlockInputs) -> torch.Tensor:
+        """Final layer and unpatchify: block output tokens -> (B, out_channels, T, H, W) float."""
+        x = self.final_layer(x, inputs.t)  # (B, N, prod(patch) * C_out)
+        return self.unpatchify(x, *inputs.grid, *inputs.video_size).float()
+
     def forward(
         self,
         x: torch.Tensor,
@@ -501,36 +567,12 @@ class STDiT3(nn.Module):
         ``height``/``width`` are the pixel size of the video (they set the position-embedding
         scale; default: ``input_sq_size``); ``fps`` is required as upstream.
         """
-        if x_mask is not None:
-            raise NotImplementedError("x_mask (frame conditioning) is not supported by this port")
-        if fps is None:
-            raise ValueError("STDiT3.forward needs fps (a tensor of frames per second, e.g. torch.tensor([24.]))")
-        dtype = self.x_embedder.proj.weight.dtype
-        x, timestep, y = x.to(dtype), timestep.to(dtype), y.to(dtype)
-        _, _, Tx, Hx, Wx = x.shape
-        T, H, W = self.patch_grid(x)
-        S = H * W
-
-        if height is None or width is None:
-            scale = 1.0
-        else:
-            scale = float((height.reshape(-1)[0] * width.reshape(-1)[0]) ** 0.5) / self.config.input_sq_size
-        pos_emb = self.pos_embed(H, W, scale=scale, base_size=round(S**0.5), dtype=x.dtype)  # (1, S, C)
-
-        t, t_mlp = self.time_embedding(timestep, fps.to(dtype))
-        y, y_mask = self.encode_text(y, mask)
-
-        x = self.x_embedder(x)  # (B, T*S, C)
-        x = rearrange(x, "B (T S) C -> B T S C", T=T, S=S) + pos_emb[:, None]
-        x = rearrange(x, "B T S C -> B (T S) C")
-
-        for spatial_block, temporal_block in zip(self.spatial_blocks, self.temporal_blocks, strict=True):
-            x = spatial_block(x, y, t_mlp, y_mask, T, S)
-            x = temporal_block(x, y, t_mlp, y_mask, T, S)
-
-        x = self.final_layer(x, t)  # (B, N, prod(patch) * C_out)
-        x = self.unpatchify(x, T, H, W, Tx, Hx, Wx)
-        return x.float()
+        inputs = self.embed(x, timestep, y, mask, x_mask, fps, height, width)
+        T, H, W = inputs.grid
+        h = inputs.x
+        for block in self.blocks_in_order():
+            h = block(h, inputs.y, inputs.t_mlp, inputs.y_mask, T, H * W)
+        return self.head(h, inputs)
 
     def unpatchify(self, x: torch.Tensor, T: int, H: int, W: int, Tx: int, Hx: int, Wx: int) -> torch.Tensor:
         """(B, N, pt*ph*pw*C_out) tokens -> (B, C_out, Tx, Hx, Wx) video (padding cropped)."""

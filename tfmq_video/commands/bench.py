@@ -8,7 +8,11 @@ from collections.abc import Sequence
 from tfmq_video.cli import register_subcommands
 
 # benchmark name -> (module exposing add_arguments/run, help)
-BENCHMARKS: dict[str, tuple[str, str]] = {}
+BENCHMARKS: dict[str, tuple[str, str]] = {
+    "kernels": ("tfmq_video.bench.kernels", "quantized GEMM and attention kernels against fp32, bf16 and torchao"),
+    "model": ("tfmq_video.bench.model", "full sampling runs at fp32, bf16, W8A8 and W4A8 on every backend"),
+    "quality": ("tfmq_video.commands.bench_quality", "quality table on the toy world: FP, baselines, TFMQ (FVD, PSNR)"),
+}
 
 
 def add_arguments(parser: argparse.ArgumentParser, argv: Sequence[str] = ()) -> None:

@@ -1,0 +1,166 @@
+"""What calibration needs to know about a diffusion transformer: the :class:`DiTAdapter` interface.
+
+An adapter describes one model family without changing it:
+
+- the **temporal information block** (TIB): the module names that turn the timestep (and
+  other sample-independent conditions such as fps) into temporal features, and how to
+  evaluate them for a batch of timesteps;
+- the **transformer blocks** in execution order and how to run one of them on recorded
+  inputs (:class:`BlockBatch`), plus everything before the first block (``embed``);
+- the **attention sites** whose matmul inputs can be quantized;
+- the layers kept in full precision, by name pattern (``fnmatch`` syntax).
+
+PixArt (``adaln_single``), FLUX (``time_text_embed``) or Wan (``condition_embedder``) adapters
+implement the same methods with their own module names.
+"""
+
+from __future__ import annotations
+
+import importlib
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from tfmq_video.errors import ConfigError
+
+TemporalFeatures = dict[str, torch.Tensor]
+# (timestep (B,), conditions, compute) -> features; ``compute()`` evaluates the model's own TIB.
+TemporalOverride = Callable[[torch.Tensor, Mapping[str, torch.Tensor], Callable[[], TemporalFeatures]], TemporalFeatures]
+
+
+@dataclass
+class BlockBatch:
+    """Inputs of a transformer block for a batch of rows.
+
+    ``hidden`` (R, ...) is the token stream; ``rows`` holds the other per-row tensors (caption,
+    masks, temporal features: dim 0 is the row); ``static`` holds values shared by all rows
+    (grid sizes). ``steps`` (R,) is the sampler step index of every row.
+    """
+
+    hidden: torch.Tensor
+    rows: dict[str, torch.Tensor | None]
+    static: dict[str, Any]
+    steps: torch.Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.long))
+
+    def select(self, index: torch.Tensor | slice) -> BlockBatch:
+        """The rows at ``index``."""
+        rows = {k: (None if v is None else v[index]) for k, v in self.rows.items()}
+        return BlockBatch(self.hidden[index], rows, self.static, self.steps[index])
+
+    def with_hidden(self, hidden: torch.Tensor) -> BlockBatch:
+        """The same rows with another token stream."""
+        return BlockBatch(hidden, self.rows, self.static, self.steps)
+
+    @staticmethod
+    def concat(batches: list[BlockBatch]) -> BlockBatch:
+        """Stack batches recorded separately; their static values must agree."""
+        if not batches:
+            raise ConfigError("no calibration data: the calibration set has no recorded steps")
+        static = batches[0].static
+        for other in batches[1:]:
+            if other.static != static:
+                raise ConfigError(f"calibration inputs of different shapes cannot be mixed: {static} vs {other.static}")
+        rows = {
+            k: (None if batches[0].rows[k] is None else torch.cat([b.rows[k] for b in batches]))  # type: ignore[misc]
+            for k in batches[0].rows
+        }
+        return BlockBatch(torch.cat([b.hidden for b in batches]), rows, static, torch.cat([b.steps for b in batches]))
+
+    def __len__(self) -> int:
+        return self.hidden.shape[0]
+
+
+class DiTAdapter(ABC):
+    """Describes a diffusion transformer family to the calibration code (see module docstring)."""
+
+    name: str = ""
+    #: module names (prefixes) that make up the temporal information block
+    temporal_modules: tuple[str, ...] = ()
+    #: names of the temporal features the TIB produces
+    temporal_feature_names: tuple[str, ...] = ()
+    #: layers that always stay FP for this family (fnmatch patterns over module names)
+    keep_fp_patterns: tuple[str, ...] = ()
+
+    # ---------------------------------------------------------------- model I/O
+    @abstractmethod
+    def build_model(self, config: Mapping[str, Any]) -> nn.Module:
+        """An uninitialized model of this family from its config dict (weights loaded separately)."""
+
+    @abstractmethod
+    def load_model(self, path: str) -> nn.Module:
+        """The FP model stored at ``path`` (eval mode)."""
+
+    @abstractmethod
+    def model_config(self, model: nn.Module) -> dict[str, Any]:
+        """The JSON config that rebuilds ``model`` with :meth:`build_model`."""
+
+    # ---------------------------------------------------------------- temporal information block
+    @abstractmethod
+    def timestep_of(self, args: tuple, kwargs: Mapping[str, Any]) -> torch.Tensor:
+        """The timestep tensor (B,) of a model call."""
+
+    @abstractmethod
+    def temporal_conditions(self, args: tuple, kwargs: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+        """The sample-independent inputs of the TIB besides the timestep (e.g. fps) of a model call."""
+
+    @abstractmethod
+    def temporal_features(
+        self, model: nn.Module, timestep: torch.Tensor, conditions: Mapping[str, torch.Tensor]
+    ) -> TemporalFeatures:
+        """Evaluate the model's TIB (as currently quantized) for a batch of timesteps."""
+
+    @abstractmethod
+    def override_temporal_features(self, model: nn.Module, override: TemporalOverride | None) -> None:
+        """Route the model's TIB through ``override`` (a cache lookup) or restore it (None)."""
+
+    # ---------------------------------------------------------------- blocks
+    @abstractmethod
+    def block_names(self, model: nn.Module) -> list[str]:
+        """Module names of the transformer blocks in execution order."""
+
+    @abstractmethod
+    def attention_sites(self, model: nn.Module) -> list[str]:
+        """Module names of attention layers whose ``attention(q, k, v[, mask])`` method is wrapped."""
+
+    @abstractmethod
+    def embed(self, model: nn.Module, args: tuple, kwargs: Mapping[str, Any]) -> BlockBatch:
+        """Run everything before the first block for one model call."""
+
+    @abstractmethod
+    def run_block(self, block: nn.Module, batch: BlockBatch) -> torch.Tensor:
+        """One block's output token stream for ``batch``."""
+
+    def head_name(self, model: nn.Module) -> str | None:
+        """Module name of the output layer run after the last block (reconstructed like a block), if any."""
+        return None
+
+    def run_head(self, head: nn.Module, batch: BlockBatch) -> torch.Tensor:
+        """The output layer's result for ``batch`` (before any reshaping into the sample layout)."""
+        raise NotImplementedError(f"{type(self).__name__} has no output layer to reconstruct")
+
+    # ---------------------------------------------------------------- shared helpers
+    def is_temporal(self, module_name: str) -> bool:
+        """Whether ``module_name`` lies inside the TIB."""
+        return any(module_name == p or module_name.startswith(p + ".") for p in self.temporal_modules)
+
+    def blocks(self, model: nn.Module) -> list[tuple[str, nn.Module]]:
+        """The transformer blocks with their names, in execution order."""
+        return [(name, model.get_submodule(name)) for name in self.block_names(model)]
+
+
+# adapter name -> "module:Class"; imported only when used
+ADAPTERS: dict[str, str] = {
+    "opensora-stdit3": "dit_adapters.opensora.adapter:STDiT3Adapter",
+}
+
+
+def get_adapter(name: str) -> DiTAdapter:
+    """The registered adapter called ``name``."""
+    if name not in ADAPTERS:
+        raise ConfigError(f"unknown model adapter {name!r}; available: {sorted(ADAPTERS)}")
+    module_name, class_name = ADAPTERS[name].split(":")
+    return getattr(importlib.import_module(module_name), class_name)()

@@ -1,0 +1,195 @@
+"""Calibration on a tiny STDiT3: one-pass recording, TIAR, cache and selection, baselines, checkpoints."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+import tfmq_video
+from tfmq_video.calib.baselines import METHODS, method_recipe
+from tfmq_video.calib.checkpoint import MANIFEST_NAME, load_calibrated, save_calibrated
+from tfmq_video.calib.recorder import CalibrationSet, StepRecorder
+from tfmq_video.calib.testing import sample_tiny, tiny_calibration, tiny_stdit3
+from tfmq_video.errors import CheckpointError, ConfigError
+from tfmq_video.quant.config import RecipeConfig
+
+FAST = RecipeConfig(progress=False, tib={"iterations": 60}, reconstruction={"iterations": 10, "batch_size": 2})
+
+
+@pytest.fixture(scope="module")
+def model() -> torch.nn.Module:
+    return tiny_stdit3()
+
+
+@pytest.fixture(scope="module")
+def calibration(model: torch.nn.Module) -> CalibrationSet:
+    return tiny_calibration(model)
+
+
+@pytest.fixture(scope="module")
+def tfmq_model(model: torch.nn.Module, calibration: CalibrationSet):
+    return tfmq_video.quantize(model, "opensora-stdit3", calibration, method_recipe("tfmq", 4, 8, FAST))
+
+
+def test_one_pass_records_every_requested_step_with_both_guidance_halves(model: torch.nn.Module) -> None:
+    calls = []
+
+    def counting(*args, **kwargs):
+        calls.append(args[1])
+        return model(*args, **kwargs)
+
+    recorder = StepRecorder([0, 2, 3])
+    sample_tiny(counting, batch=2, recorder=recorder)
+    cal = recorder.calibration_set()
+    assert len(calls) == 4  # one sampler run: O(T) model calls
+    assert [c.step for c in cal.calls] == [0, 1, 2] and cal.sampler_steps == [0, 2, 3]
+    assert cal.timesteps == [float(calls[i][0]) for i in (0, 2, 3)]
+    for call in cal.calls:
+        assert call.args[0].shape[0] == 4 and call.kwargs["y"].shape[0] == 4  # cond + uncond
+        assert call.args[0].device.type == "cpu"
+    assert cal.nbytes() > 0
+
+
+def test_missing_or_empty_steps_are_errors(model: torch.nn.Module) -> None:
+    recorder = StepRecorder([1, 7])
+    sample_tiny(model, batch=1, recorder=recorder)
+    with pytest.raises(ConfigError, match=r"\[7\] were never reached"):
+        recorder.calibration_set()
+    with pytest.raises(ConfigError, match="no steps"):
+        CalibrationSet([])
+    with pytest.raises(ConfigError, match="no recorded calls"):
+        tfmq_video.quantize(model, "opensora-stdit3", CalibrationSet([1.0]), FAST)
+
+
+def test_tiar_lowers_temporal_feature_error_against_rtn(model: torch.nn.Module, calibration: CalibrationSet) -> None:
+    rtn = tfmq_video.quantize(model, "opensora-stdit3", calibration, method_recipe("rtn", 4, 8, FAST))
+    tiar = tfmq_video.quantize(model, "opensora-stdit3", calibration, method_recipe("tfmq-tiar", 4, 8, FAST))
+    rtn_error = rtn.report["temporal"]["temporal_feature_error"]
+    tiar_error = tiar.report["temporal"]["temporal_feature_error"]
+    assert tiar_error < 0.9 * rtn_error
+    loss = tiar.report["temporal"]["tiar_loss"]
+    assert loss[-1] < loss[0]
+
+
+def test_selection_keeps_the_lower_error_per_feature_and_step(tfmq_model) -> None:
+    temporal = tfmq_model.report["temporal"]
+    for name in ("t", "t_mlp"):
+        for step, choice in enumerate(temporal["choices"][name]):
+            tib, cache, final = temporal["tib"][name][step], temporal["cache"][name][step], temporal["final"][name][step]
+            assert choice == ("cache" if cache <= tib else "tib")
+            assert final == pytest.approx(min(tib, cache), rel=1e-4, abs=1e-9)
+
+
+def test_selection_mixes_cache_and_tib_when_the_tib_wins(model: torch.nn.Module, calibration: CalibrationSet) -> None:
+    # A 2-bit cache is worse than the 8-bit TIB for some features: the choice follows the error.
+    recipe = method_recipe("tfmq", 8, 8, FAST.model_copy(update={"tib": FAST.tib.model_copy(update={"cache_bits": 2})}))
+    qmodel = tfmq_video.quantize(model, "opensora-stdit3", calibration, recipe)
+    choices = qmodel.report["temporal"]["choices"]
+    assert "tib" in choices["t"] + choices["t_mlp"]
+    final = qmodel.report["temporal"]["final"]
+    for name in ("t", "t_mlp"):
+        assert max(final[name]) <= max(max(qmodel.report["temporal"]["tib"][name]), 1e-9) * 1.001
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_every_method_runs_in_the_same_harness(method: str, model: torch.nn.Module,
+                                               calibration: CalibrationSet) -> None:
+    recipe = method_recipe(method, 4, 8, FAST)
+    qmodel = tfmq_video.quantize(model, "opensora-stdit3", calibration, recipe)
+    fp = sample_tiny(model, seed=3)
+    out = sample_tiny(qmodel, seed=3)
+    assert float((out - fp).pow(2).sum() / fp.pow(2).sum()) < 0.2
+    if method == "viditq":
+        assert qmodel.report["temporal"]["temporal_feature_error"] == 0.0
+        assert qmodel.quantized_weight_fraction() < 1.0
+    assert all(bool(layer.weight_quant.frozen) for _, layer in qmodel.weight_layers() if layer.weight_quant)
+
+
+def test_calibration_is_reproducible_with_a_fixed_seed(model: torch.nn.Module, calibration: CalibrationSet) -> None:
+    recipe = method_recipe("qdiffusion", 4, 8, FAST)
+    first = tfmq_video.quantize(model, "opensora-stdit3", calibration, recipe)
+    second = tfmq_video.quantize(model, "opensora-stdit3", calibration, recipe)
+    for (name, a), (_, b) in zip(first.state_dict().items(), second.state_dict().items(), strict=True):
+        assert torch.equal(a, b), name
+
+
+def test_checkpoint_round_trip_gives_identical_outputs(tfmq_model, model: torch.nn.Module, tmp_path: Path) -> None:
+    folder = save_calibrated(tfmq_model, tmp_path / "ckpt")
+    manifest = json.loads((folder / MANIFEST_NAME).read_text())
+    assert manifest["adapter"] == "opensora-stdit3" and manifest["temporal_cache"]["features"]["t_mlp"] == 384
+    reference = sample_tiny(tfmq_model, seed=7)
+    for loaded in (load_calibrated(folder), load_calibrated(folder, model)):
+        assert torch.equal(sample_tiny(loaded, seed=7), reference)
+
+
+def test_checkpoint_of_another_model_is_rejected(tfmq_model, tmp_path: Path) -> None:
+    folder = save_calibrated(tfmq_model, tmp_path / "ckpt")
+    with pytest.raises(CheckpointError, match="calibrated for another model"):
+        load_calibrated(folder, tiny_stdit3(seed=1))
+    with pytest.raises(CheckpointError, match="not a calibrated"):
+        load_calibrated(tmp_path)
+
+
+def test_saving_an_uncalibrated_model_writes_nothing(model: torch.nn.Module, tmp_path: Path) -> None:
+    from dit_adapters.base import get_adapter
+    from tfmq_video.quant.model import wrap_model
+
+    qmodel = wrap_model(tiny_stdit3(), get_adapter("opensora-stdit3"), FAST, [1.0])
+    with pytest.raises(ConfigError, match="only models returned"):
+        save_calibrated(qmodel, tmp_path / "ckpt")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_quantized_model_warns_once_off_the_calibrated_steps(tfmq_model, caplog: pytest.LogCaptureFixture) -> None:
+    from tfmq_video.calib.testing import TINY_SAMPLER
+
+    tfmq_model.context._warned = False
+    other = TINY_SAMPLER.__class__(num_steps=6, guidance_scale=3.0, fixed_shift=2.0)
+    out = sample_tiny(tfmq_model, seed=1, sampler=other)
+    assert torch.isfinite(out).all()
+    assert sum("not calibrated" in r.message for r in caplog.records) == 1
+
+
+def test_cache_falls_back_to_the_quantized_tib_for_other_conditions(tfmq_model, caplog: pytest.LogCaptureFixture) -> None:
+    from tfmq_video.calib.testing import tiny_call_inputs
+
+    noise, y, null, _ = tiny_call_inputs(2)
+    timestep = torch.full((2,), tfmq_model.context.timesteps[1].item())
+    with torch.no_grad():
+        same = tfmq_model(noise, timestep, y, fps=torch.tensor([8.0]))
+        other = tfmq_model(noise, timestep, y, fps=torch.tensor([24.0]))
+    assert torch.isfinite(other).all() and not torch.equal(same, other)
+    assert any("using the quantized TIB" in r.message for r in caplog.records)
+
+
+@pytest.mark.slow
+def test_calibrate_command_on_the_toy_model_saves_a_loadable_checkpoint(tmp_path: Path) -> None:
+    from tfmq_video.cli import main
+
+    config = tmp_path / "quick.yaml"
+    config.write_text(
+        "calibration: {num_prompts: 1, steps: [0, 10, 19], batch_size: 1}\n"
+        "quant: {weight: {bits: 4}}\n"
+        "tib: {iterations: 50}\n"
+        "reconstruction: {iterations: 5, batch_size: 2}\n"
+    )
+    assert main(["calibrate", str(config), "--out", str(tmp_path / "ckpt"), "--no-progress"]) == 0
+    qmodel = load_calibrated(tmp_path / "ckpt")
+    assert len(qmodel.context) == 3 and qmodel.report["seconds"]["calibration_total"] > 0
+
+
+def test_records_hand_off_the_served_temporal_features(tfmq_model) -> None:
+    from tfmq_video.quant.model import to_records
+
+    records, cache = to_records(tfmq_model)
+    assert len(records) == len(tfmq_model.weight_layers())
+    assert set(cache) == {"timesteps", "fps", "t", "t_mlp", "t_use_cache", "t_mlp_use_cache"}
+    steps = len(tfmq_model.context)
+    assert cache["t"].shape == (steps, 64) and cache["t_mlp"].shape == (steps, 384)
+    tfmq_model.context.set_index(1)
+    with torch.no_grad():
+        t, t_mlp = tfmq_model.model.time_embedding(tfmq_model.context.timesteps[1:2].float(), torch.tensor([8.0]))
+    assert torch.allclose(t[0], cache["t"][1]) and torch.allclose(t_mlp[0], cache["t_mlp"][1])

@@ -1,0 +1,1 @@
+"""Speed benchmarks: ``tfmq-video bench kernels`` and ``tfmq-video bench model``."""

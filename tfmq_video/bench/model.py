@@ -1,0 +1,211 @@
+"""``tfmq-video bench model``: one full sampling run at fp32, bf16, W8A8 and W4A8 per backend.
+
+Models: the bundled toy STDiT3 (if its folder is present) and a mid-size random STDiT3
+(STDiT3-XL head dim 72, 2048 video tokens per sample, CFG doubles the batch). Quantized models
+come from RTN records, go through export and ``load_quantized`` (so the on-disk format is what
+runs), and use dynamic per-token int8 activations with the TIB and embedders in full precision.
+A W8A8 row with static per-tensor activation scales (min-max over one FP step, standing in for
+calibrated FSC parameters) times the static-scale kernels. Every row is measured in the same
+process; the error column compares each quantized output with the ``reference`` backend of the
+same scheme (fp rows: bf16 against fp32).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import logging
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from dit_adapters.opensora.rflow import RFlowSampler, SamplerConfig, seeded_noise
+from dit_adapters.opensora.stdit3 import STDiT3, STDiT3Config
+from tfmq_video.bench.common import machine_info, pick_device, print_table, rel_error, time_ms, write_json
+from tfmq_video.export import RTNConfig, load_quantized, rtn_records, save_quantized
+from tfmq_video.quant.records import ActivationRecord
+from tfmq_video.runtime.backends import backend_problem
+
+log = logging.getLogger(__name__)
+
+MID_CONFIG = STDiT3Config(
+    input_sq_size=256, in_channels=4, patch_size=(1, 2, 2), hidden_size=576, depth=2, num_heads=8,
+    caption_channels=512, model_max_length=32, pred_sigma=False,
+)
+MID_LATENT = (4, 8, 32, 32)  # (C, T, H, W): 8 frames of 16 x 16 patches = 2048 tokens per sample
+
+
+@dataclass
+class Workload:
+    """A model and everything one sampling run needs."""
+
+    name: str
+    model: STDiT3
+    latent_shape: tuple[int, ...]
+    caption_tokens: int
+    sampler: SamplerConfig
+    fps: float = 8.0
+    pixel_size: int = 256
+    extra: dict = field(default_factory=dict)
+
+
+def toy_workload(steps: int | None) -> Workload | None:
+    """The bundled toy model at its own sampler settings, or None when its folder is absent."""
+    from tfmq_video.toy import world
+
+    if not (world.TOY_STDIT3_DIR / "config.json").is_file():
+        log.warning("bundled toy model not found in %s; skipping it", world.TOY_STDIT3_DIR)
+        return None
+    sampler = world.TOY_SAMPLER_CONFIG if steps is None else replace(world.TOY_SAMPLER_CONFIG, num_steps=steps)
+    return Workload(
+        "toy-stdit3", world.load_toy_stdit3(), world.VIDEO_SHAPE, world.TOY_CAPTION_TOKENS, sampler, world.TOY_FPS,
+        world.VIDEO_SHAPE[-1],
+    )
+
+
+def mid_workload(steps: int) -> Workload:
+    """A mid-size random STDiT3 (hidden 576, 8 heads of 72, 2 + 2 blocks, 2048 tokens per sample)."""
+    torch.manual_seed(0)
+    model = STDiT3(MID_CONFIG)
+    model.initialize_weights()
+    for module in model.modules():  # upstream init zeroes some projections: give every layer real work
+        if isinstance(module, nn.Linear) and module.weight.abs().max() == 0:
+            nn.init.normal_(module.weight, std=0.02)
+    sampler = SamplerConfig(num_steps=steps, guidance_scale=4.0, fixed_shift=3.0)
+    return Workload("mid-stdit3-random", model.eval(), MID_LATENT, MID_CONFIG.model_max_length, sampler)
+
+
+def sample_fn(work: Workload, model: nn.Module, device: torch.device) -> Callable[[], torch.Tensor]:
+    """A closure running one full guided sampling run from fixed noise and captions."""
+    generator = torch.Generator().manual_seed(1)
+    channels = work.model.config.caption_channels
+    y = torch.randn(1, 1, work.caption_tokens, channels, generator=generator).to(device)
+    null = work.model.y_embedder.y_embedding[None, None].float().to(device)
+    mask = torch.ones(1, work.caption_tokens, device=device)
+    mask[:, work.caption_tokens // 2 + 1:] = 0
+    noise = seeded_noise([0], work.latent_shape, device)
+    sampler = RFlowSampler(work.sampler)
+    size = torch.full((1,), float(work.pixel_size), device=device)
+    kwargs = {"fps": torch.tensor([work.fps], device=device), "height": size, "width": size}
+
+    def run() -> torch.Tensor:
+        with torch.no_grad():
+            return sampler.sample(model, noise, y, null, mask=mask, extra_kwargs=kwargs,
+                                  height=work.pixel_size, width=work.pixel_size, num_frames=work.latent_shape[1])
+
+    return run
+
+
+def state_bytes(model: nn.Module) -> int:
+    """Bytes of every parameter and buffer the model holds (its weights as stored in memory)."""
+    return sum(t.numel() * t.element_size() for t in model.state_dict().values())
+
+
+@torch.no_grad()
+def static_records(work: Workload, bits: int) -> list:
+    """RTN records with static per-tensor activation scales (max |x| / 127 over one FP sampling step).
+
+    A stand-in for calibrated static (FSC) parameters: enough to time the static-scale kernels.
+    """
+    records = rtn_records(work.model, RTNConfig(weight_bits=bits))
+    peaks: dict[str, float] = {}
+    hooks = [
+        work.model.get_submodule(r.name).register_forward_pre_hook(
+            lambda _m, args, name=r.name: peaks.__setitem__(name, max(peaks.get(name, 0.0), float(args[0].abs().max())))
+        )
+        for r in records
+    ]
+    try:
+        sample_fn(replace(work, sampler=replace(work.sampler, num_steps=1)), work.model, torch.device("cpu"))()
+    finally:
+        for hook in hooks:
+            hook.remove()
+    for record in records:
+        scale = torch.tensor(max(peaks[record.name], 1e-8) / 127.0)
+        record.activation = ActivationRecord("static", 8, True, scale, torch.tensor(0.0))
+    return records
+
+
+def variants(work: Workload, device: torch.device, folder: Path, backends: list[str]) -> list[tuple[dict, nn.Module]]:
+    """(row description, model) for fp32, bf16 and each (bit width, backend)."""
+    half = torch.float16 if device.type == "cuda" else torch.bfloat16
+    out = [
+        ({"backend": "torch", "wbits": 32, "abits": 32, "act": "fp", "dtype": "fp32"}, work.model.to(device)),
+        ({"backend": "torch", "wbits": 16, "abits": 16, "act": "fp", "dtype": str(half).split(".")[-1]},
+         copy.deepcopy(work.model).to(device, half)),
+    ]
+    work.model.cpu()
+    schemes = [(8, "dynamic", rtn_records(work.model, RTNConfig(weight_bits=8))),
+               (4, "dynamic", rtn_records(work.model, RTNConfig(weight_bits=4))),
+               (8, "static", static_records(work, 8))]
+    for bits, act, records in schemes:
+        path = save_quantized(folder / f"w{bits}a8_{act}", work.model, records)
+        for backend in backends:
+            dtype = torch.float32 if backend == "reference" else half
+            model = load_quantized(path, backend=backend, dtype=dtype).to(device)
+            row = {"backend": backend, "wbits": bits, "abits": 8, "act": act, "dtype": str(dtype).split(".")[-1]}
+            out.append((row, model))
+    work.model.to(device)
+    return out
+
+
+def benchmark_workload(work: Workload, device: torch.device, backends: list[str], repeat: int) -> list[dict]:
+    """Time one sampling run per variant; fill in speedups, bytes and errors."""
+    rows = []
+    outputs: dict[tuple, torch.Tensor] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for row, model in variants(work, device, Path(tmp), backends):
+            run = sample_fn(work, model, device)
+            log.info("%s: %s", work.name, row)
+            row.update(model=work.name, steps=work.sampler.num_steps, weight_bytes=state_bytes(model))
+            row["seconds"] = time_ms(run, device, repeat, warmup=1) / 1e3
+            outputs[(row["backend"], row["wbits"], row["act"])] = run().float().cpu()
+            rows.append(row)
+    fp32 = next(r for r in rows if r["wbits"] == 32)
+    bf16 = next(r for r in rows if r["wbits"] == 16)
+    for row in rows:
+        row["speedup_vs_fp32"] = fp32["seconds"] / row["seconds"]
+        row["speedup_vs_bf16"] = bf16["seconds"] / row["seconds"]
+        key = (row["backend"], row["wbits"], row["act"])
+        fp32_out = outputs[("torch", 32, "fp")]
+        reference = outputs.get(("reference", row["wbits"], row["act"])) if row["wbits"] <= 8 else fp32_out
+        row["rel_err_vs_reference"] = None if reference is None else rel_error(outputs[key], reference)
+        row["rel_err_vs_fp32"] = rel_error(outputs[key], fp32_out)
+    return rows
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """CLI options of the model benchmark."""
+    parser.add_argument("--json", dest="json_path", help="write the rows and the machine description here")
+    parser.add_argument("--device", default="auto", help="cpu, cuda or auto (default)")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--models", nargs="*", default=["toy", "mid"], choices=["toy", "mid"])
+    parser.add_argument("--steps", type=int, default=3, help="sampling steps of the mid-size model (default 3)")
+    parser.add_argument("--toy-steps", type=int, default=None, help="sampling steps of the toy model (default: its own)")
+    parser.add_argument("--repeat", type=int, default=1, help="timed sampling runs per row (median)")
+    parser.add_argument("--backends", nargs="*", default=None, help="default: every backend that can run here")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Measure, print the table, write the JSON."""
+    device = pick_device(args.device)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    backends = args.backends or [b for b in ("reference", "cpu", "triton") if backend_problem(b, device) is None]
+    workloads = []
+    if "toy" in args.models:
+        workloads.append(toy_workload(args.toy_steps))
+    if "mid" in args.models:
+        workloads.append(mid_workload(args.steps))
+    rows = []
+    for work in workloads:
+        if work is not None:
+            rows += benchmark_workload(work, device, backends, args.repeat)
+    print_table(rows, ("model", "steps", "backend", "wbits", "abits", "act", "dtype", "seconds", "speedup_vs_fp32",
+                       "speedup_vs_bf16", "weight_bytes", "rel_err_vs_reference", "rel_err_vs_fp32"))
+    write_json(args.json_path, {"benchmark": "model", "machine": machine_info(device), "backends": backends, "rows": rows})
+    return 0

@@ -1,0 +1,58 @@
+"""The compared methods as recipes over one harness (same calibration data, same code path).
+
+- ``rtn``: min-max per-channel weights, static per-tensor min-max activations, TIB quantized.
+- ``qdiffusion``: block reconstruction (AdaRound) on the timestep-aware set, one static
+  activation parameter set for all timesteps, TIB quantized like the rest (no TIAR/FSC).
+- ``viditq``: dynamic per-token activations, TIB kept FP, min-max per-channel weights.
+- ``tfmq-tiar``: TIAR only (static TIB activations), plus block reconstruction.
+- ``tfmq-fsc``: FSC per-timestep TIB activations and the cache with selection, no TIAR.
+- ``tfmq``: TIAR + FSC + cache + disturbance-aware selection + block reconstruction.
+- ``tfmq-dynamic``: ``tfmq`` in the TIB, dynamic per-token activations everywhere else
+  (per-timestep static parameters where the input set is finite, dynamic ones elsewhere).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from tfmq_video.errors import ConfigError
+from tfmq_video.quant.config import RecipeConfig, parse_config
+
+TIB_OFF = {"keep_fp": False, "tiar": False, "fsc": False, "cache": False, "select": False}
+
+# method -> overrides of the base recipe, by section
+METHODS: dict[str, dict[str, dict[str, Any]]] = {
+    "rtn": {
+        "tib": TIB_OFF,
+        "reconstruction": {"enabled": False},
+        "weight": {"init": "minmax"},
+        "activation": {"init": "minmax", "mode": "static"},
+    },
+    "qdiffusion": {"tib": TIB_OFF, "reconstruction": {"enabled": True}, "activation": {"mode": "static"}},
+    "viditq": {
+        "tib": {**TIB_OFF, "keep_fp": True},
+        "reconstruction": {"enabled": False},
+        "weight": {"init": "minmax"},
+        "activation": {"mode": "dynamic_per_token"},
+    },
+    "tfmq-tiar": {"tib": {**TIB_OFF, "tiar": True}, "reconstruction": {"enabled": True}},
+    "tfmq-fsc": {"tib": {**TIB_OFF, "fsc": True, "cache": True, "select": True}, "reconstruction": {"enabled": True}},
+    "tfmq": {"tib": {**TIB_OFF, "tiar": True, "fsc": True, "cache": True, "select": True},
+             "reconstruction": {"enabled": True}},
+    "tfmq-dynamic": {"tib": {**TIB_OFF, "tiar": True, "fsc": True, "cache": True, "select": True},
+                     "reconstruction": {"enabled": True}, "activation": {"mode": "dynamic_per_token"}},
+}
+
+
+def method_recipe(method: str, wbits: int, abits: int, base: RecipeConfig | None = None) -> RecipeConfig:
+    """The recipe of ``method`` at ``wbits``/``abits``, other settings taken from ``base``."""
+    if method not in METHODS:
+        raise ConfigError(f"unknown method {method!r}; available: {sorted(METHODS)}")
+    raw = (base or RecipeConfig()).model_dump()
+    overrides = METHODS[method]
+    raw["name"] = method
+    raw["tib"].update(overrides["tib"])
+    raw["reconstruction"].update(overrides["reconstruction"])
+    raw["quant"]["weight"].update({"bits": wbits, **overrides.get("weight", {})})
+    raw["quant"]["activation"].update({"bits": abits, **overrides.get("activation", {})})
+    return parse_config(raw, f"(method {method} W{wbits}A{abits})")

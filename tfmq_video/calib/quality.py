@@ -1,0 +1,183 @@
+"""The quality table on the toy world: FP, every baseline and TFMQ variant at several bit widths.
+
+Every method is calibrated on the same recorded calibration set (one FP sampling pass) and
+generates the same (caption, seed) pairs as FP. Metrics, in the toy classifier's feature space
+(the role I3D plays for real videos; covariance N-1, float64, see :mod:`eval_video.frechet`):
+
+- ``fvd``: against real toy clips; ``fvd_fp``: against the FP videos of the same seeds;
+- ``psnr_fp``: mean PSNR (dB) of the uint8 videos against FP;
+- ``temporal_feature_error``: mean relative squared error of the temporal features over steps;
+- ``fp-reseed``: FP with other seeds, the noise floor of ``fvd_fp``.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from eval_video.fidelity import psnr
+from eval_video.frechet import frechet_distance_features
+from tfmq_video.calib.api import quantize
+from tfmq_video.calib.baselines import METHODS, method_recipe
+from tfmq_video.calib.recorder import CalibrationSet, record_toy_calibration
+from tfmq_video.quant.config import RecipeConfig
+
+DEFAULT_SETTINGS: tuple[tuple[int, int], ...] = ((8, 8), (4, 8), (4, 6))
+ROW_KEYS = ("method", "wbits", "abits", "fvd", "fvd_fp", "psnr_fp", "temporal_feature_error", "calib_seconds",
+            "quantized_weight_fraction")
+RESEED_OFFSET = 500_000
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class QualityPlan:
+    """What the table covers: methods, (wbits, abits) settings, number of videos, seed, base recipe."""
+
+    methods: tuple[str, ...] = tuple(METHODS)
+    settings: tuple[tuple[int, int], ...] = DEFAULT_SETTINGS
+    num_videos: int = 32
+    seed: int = 0
+    base: RecipeConfig = field(default_factory=RecipeConfig)
+
+
+class ToyEvaluator:
+    """Generates the evaluation videos of a model and scores them against FP and real clips."""
+
+    def __init__(self, num_videos: int, seed: int) -> None:
+        from tfmq_video.toy.data import all_captions, clips_to_tensor, make_clips
+        from tfmq_video.toy.world import load_toy_classifier
+
+        captions = [c.text for c in all_captions()]
+        self.captions = [captions[(seed + i * 7) % len(captions)] for i in range(num_videos)]
+        self.seeds = [seed * 1000 + i for i in range(num_videos)]
+        self.classifier = load_toy_classifier()
+        real, _ = make_clips(seed + 1, num_videos)
+        self.real_features = self.features(clips_to_tensor(real))
+
+    def generate(self, model: torch.nn.Module, null_caption: torch.Tensor, reseed: bool = False) -> torch.Tensor:
+        """Latents (N, 3, T, H, W) for the evaluation captions (other seeds when ``reseed``)."""
+        from tfmq_video.toy.world import generate_latents
+
+        seeds = [s + RESEED_OFFSET for s in self.seeds] if reseed else self.seeds
+        return generate_latents(model, null_caption, self.captions, seeds)
+
+    @torch.no_grad()
+    def features(self, videos: torch.Tensor) -> np.ndarray:
+        """Toy classifier features (N, D) of videos in [-1, 1]."""
+        return self.classifier.features(videos.clamp(-1, 1)).double().numpy()
+
+    def score(self, latents: torch.Tensor, fp_latents: torch.Tensor, fp_features: np.ndarray) -> dict[str, float]:
+        """fvd, fvd_fp and psnr_fp of ``latents``."""
+        from tfmq_video.toy.data import tensor_to_clips
+
+        feats = self.features(latents)
+        clips, fp_clips = tensor_to_clips(latents), tensor_to_clips(fp_latents)
+        psnrs = [psnr(a, b) for a, b in zip(clips, fp_clips, strict=True)]
+        finite = [p for p in psnrs if math.isfinite(p)]
+        return {
+            "fvd": frechet_distance_features(feats, self.real_features),
+            "fvd_fp": frechet_distance_features(feats, fp_features),
+            "psnr_fp": float(np.mean(finite)) if finite else None,  # type: ignore[dict-item]
+        }
+
+
+def _row(method: str, wbits: int, abits: int, scores: dict[str, Any], **extra: Any) -> dict[str, Any]:
+    row = {"method": method, "wbits": wbits, "abits": abits, **scores,
+           "temporal_feature_error": 0.0, "calib_seconds": 0.0, "quantized_weight_fraction": 0.0}
+    row.update(extra)
+    return row
+
+
+def quality_table(plan: QualityPlan, progress: bool = False) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """Rows of the quality table and per-step temporal-feature errors per (method, setting)."""
+    from tfmq_video.toy.world import load_toy_stdit3
+
+    model = load_toy_stdit3()
+    null = model.y_embedder.y_embedding
+    evaluator = ToyEvaluator(plan.num_videos, plan.seed)
+    fp = evaluator.generate(model, null)
+    fp_features = evaluator.features(fp)
+    rows = [
+        _row("fp", 32, 32, evaluator.score(fp, fp, fp_features), psnr_fp=None),
+        _row("fp-reseed", 32, 32, evaluator.score(evaluator.generate(model, null, reseed=True), fp, fp_features)),
+    ]
+    cal = plan.base.calibration
+    start = time.perf_counter()
+    calibration: CalibrationSet = record_toy_calibration(model, cal.num_prompts, cal.seed, cal.steps, cal.batch_size,
+                                                         progress)
+    record_seconds = time.perf_counter() - start
+    curves: dict[str, Any] = {"timesteps": calibration.timesteps}
+    for wbits, abits in plan.settings:
+        for method in plan.methods:
+            recipe = method_recipe(method, wbits, abits, plan.base)
+            qmodel = quantize(model, "opensora-stdit3", calibration, recipe)
+            latents = evaluator.generate(qmodel, null)
+            temporal = qmodel.report["temporal"]
+            rows.append(_row(
+                method, wbits, abits, evaluator.score(latents, fp, fp_features),
+                temporal_feature_error=temporal["temporal_feature_error"],
+                calib_seconds=qmodel.report["seconds"]["total"] + record_seconds,
+                quantized_weight_fraction=qmodel.quantized_weight_fraction(),
+            ))
+            curves[f"{method} W{wbits}A{abits}"] = per_step_error(temporal["final"])
+            log.info("%s", {k: rows[-1][k] for k in ROW_KEYS})
+    for row in rows:
+        row["num_videos"] = plan.num_videos
+    return rows, curves
+
+
+def per_step_error(errors: dict[str, Sequence[float]]) -> list[float]:
+    """Mean over temporal features of the per-step errors."""
+    return np.mean(np.array([list(v) for v in errors.values()]), axis=0).tolist()
+
+
+def markdown_table(rows: Sequence[dict[str, Any]]) -> str:
+    """The rows as a markdown table (columns :data:`ROW_KEYS`)."""
+
+    def cell(value: Any) -> str:
+        if value is None:
+            return "-"
+        if isinstance(value, float):
+            return f"{value:.4g}"
+        return str(value)
+
+    lines = ["| " + " | ".join(ROW_KEYS) + " |", "|" + "---|" * len(ROW_KEYS)]
+    lines += ["| " + " | ".join(cell(row.get(k)) for k in ROW_KEYS) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def plot_curves(curves: dict[str, Any], path: str) -> None:
+    """Temporal-feature error per timestep, one line per method and setting (log scale)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    timesteps = curves["timesteps"]
+    fig, ax = plt.subplots(figsize=(8, 5))
+    exact = []
+    for label, values in curves.items():
+        if label == "timesteps":
+            continue
+        if max(values) == 0.0:  # TIB kept FP: nothing to draw on a log scale
+            exact.append(label)
+            continue
+        ax.plot(timesteps, values, marker="o", markersize=3, label=label)
+    if exact:
+        ax.set_title("zero error (TIB kept FP): " + ", ".join(exact), fontsize=8)
+    ax.set_xlabel("timestep")
+    ax.set_ylabel("temporal feature error (relative, mean over t and t_mlp)")
+    ax.set_yscale("log")
+    ax.invert_xaxis()
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

@@ -1,0 +1,67 @@
+"""The temporal maintenance stage: TIAR and/or FSC, the feature cache and the selection between them."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from tfmq_video.calib.cache import TemporalFeatureCache
+from tfmq_video.calib.selection import describe_choices, select_strategies
+from tfmq_video.calib.tiar import run_tiar
+from tfmq_video.calib.tib import TemporalInformationBlock, feature_errors, mean_error
+from tfmq_video.quant.config import RecipeConfig
+from tfmq_video.quant.model import QuantizedModel
+
+
+def _errors(qmodel: QuantizedModel, fp_model: nn.Module, tib: TemporalInformationBlock) -> dict[str, torch.Tensor]:
+    with torch.no_grad():
+        return feature_errors(tib.features(qmodel.model, qmodel), tib.fp_features(fp_model))
+
+
+def _as_lists(errors: dict[str, torch.Tensor]) -> dict[str, list[float]]:
+    return {name: [float(v) for v in values] for name, values in errors.items()}
+
+
+def build_cache(qmodel: QuantizedModel, tib: TemporalInformationBlock, fp_features: dict[str, torch.Tensor],
+                bits: int) -> TemporalFeatureCache:
+    """A cache of the FP features quantized to ``bits`` (shapes from ``fp_features``)."""
+    dims = {name: value.shape[-1] for name, value in fp_features.items()}
+    cache = TemporalFeatureCache(qmodel.context, dims, tib.conditions, bits)
+    cache.fill(fp_features)
+    return cache
+
+
+def maintain_temporal_features(
+    qmodel: QuantizedModel, fp_model: nn.Module, tib: TemporalInformationBlock, recipe: RecipeConfig,
+) -> dict[str, Any]:
+    """Calibrate the TIB per ``recipe.tib``; install the cache when used. Returns a report with
+    per-step errors of each strategy (``initial``, ``tib``, ``cache``, ``final``) and the choices."""
+    cfg = recipe.tib
+    report: dict[str, Any] = {"initial": _as_lists(_errors(qmodel, fp_model, tib))}
+    tib_layers = [layer for _, layer in qmodel.weight_layers("tib")]
+    if cfg.tiar and tib_layers:
+        losses = run_tiar(qmodel, fp_model, tib, cfg, recipe.progress)
+        report["tiar_loss"] = [losses[0], losses[-1]] if losses else []
+    for layer in tib_layers:
+        if layer.weight_quant is not None and not bool(layer.weight_quant.frozen):
+            layer.weight_quant.freeze(layer.weight)
+    tib_errors = _errors(qmodel, fp_model, tib)
+    report["tib"] = _as_lists(tib_errors)
+    if cfg.cache and not cfg.keep_fp:
+        fp_features = tib.fp_features(fp_model)
+        cache = build_cache(qmodel, tib, fp_features, recipe.cache_bits())
+        cache_errors = feature_errors(cache.all_features(), fp_features)
+        report["cache"] = _as_lists(cache_errors)
+        if cfg.select:
+            use_cache = select_strategies(tib_errors, cache_errors)
+        else:
+            use_cache = {name: torch.ones(len(tib), dtype=torch.bool) for name in fp_features}
+        cache.set_choices(use_cache)
+        qmodel.set_temporal_cache(cache)
+        report["choices"] = describe_choices(use_cache)
+    final = _errors(qmodel, fp_model, tib)
+    report["final"] = _as_lists(final)
+    report["temporal_feature_error"] = mean_error(final)
+    return report

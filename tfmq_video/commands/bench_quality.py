@@ -1,0 +1,70 @@
+"""``tfmq-video bench quality --json FILE``: the quality table on the toy world.
+
+FP, ``fp-reseed`` (noise floor) and every method of :mod:`tfmq_video.calib.baselines` at each
+(wbits, abits) setting, with fixed seeds; prints a markdown table, writes the rows as JSON and
+plots the temporal-feature error per timestep per method. See :mod:`tfmq_video.calib.quality`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+
+from tfmq_video.errors import ConfigError
+
+
+def _setting(text: str) -> tuple[int, int]:
+    try:
+        w, a = text.upper().removeprefix("W").split("A")
+        return int(w), int(a)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"setting {text!r} is not of the form W4A8") from None
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options of ``bench quality``."""
+    parser.add_argument("--json", type=Path, required=True, help="where to write the rows (JSON)")
+    parser.add_argument("--plot", type=Path, default=None, help="PNG of temporal-feature error per timestep")
+    parser.add_argument("--methods", nargs="+", default=None, help="methods (default: all)")
+    parser.add_argument("--settings", nargs="+", type=_setting, default=None,
+                        help="bit settings, e.g. W8A8 W4A8 W4A6 (default)")
+    parser.add_argument("--num-videos", type=int, default=32, help="videos per method (default 32)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--config", type=Path, default=None, help="base recipe YAML (default: built-in toy recipe)")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Build the table, print it, write JSON (and the plot)."""
+    from eval_video._files import write_text_atomic
+    from tfmq_video.calib.baselines import METHODS
+    from tfmq_video.calib.quality import (
+        DEFAULT_SETTINGS,
+        QualityPlan,
+        markdown_table,
+        plot_curves,
+        quality_table,
+    )
+    from tfmq_video.quant.config import RecipeConfig, load_config
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    methods = tuple(args.methods or METHODS)
+    unknown = sorted(set(methods) - set(METHODS))
+    if unknown:
+        raise ConfigError(f"unknown methods {unknown}; available: {sorted(METHODS)}")
+    if args.num_videos < 2:
+        raise ConfigError("--num-videos must be at least 2 (a covariance needs two samples)")
+    base = load_config(args.config) if args.config else RecipeConfig()
+    plan = QualityPlan(methods, tuple(args.settings or DEFAULT_SETTINGS), args.num_videos, args.seed,
+                       base.model_copy(update={"progress": False}))
+    rows, curves = quality_table(plan)
+    print(markdown_table(rows))
+    write_text_atomic(args.json, json.dumps({"rows": rows, "temporal_feature_error_per_step": curves}, indent=2) + "\n")
+    if args.plot:
+        args.plot.parent.mkdir(parents=True, exist_ok=True)
+        plot_curves(curves, str(args.plot))
+    return 0

@@ -1,0 +1,90 @@
+"""Round-to-nearest (min-max) quantization of Linear layers into export records.
+
+A calibration-free stand-in for the calibration core: it produces the same
+:class:`~tfmq_video.quant.records.QuantizedLinearRecord` hand-off, so tests and benchmarks
+can export and run real integer models without calibrating.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from tfmq_video.errors import ConfigError
+from tfmq_video.quant.affine import IntRange, minmax_qparams, quantize
+from tfmq_video.quant.records import ActivationRecord, QuantizedLinearRecord
+
+# The temporal information block and the embedders stay in full precision (as ViDiT-Q does);
+# every Linear of the transformer blocks is quantized.
+DEFAULT_INCLUDE: tuple[str, ...] = ("spatial_blocks.*", "temporal_blocks.*")
+
+
+@dataclass(frozen=True)
+class RTNConfig:
+    """What to quantize and how: weight bits/grid/group size, activation mode and bits, name patterns."""
+
+    weight_bits: int = 8
+    weight_signed: bool = True
+    group_size: int | None = None
+    activation_mode: str = "dynamic_per_token"
+    activation_bits: int = 8
+    include: tuple[str, ...] = DEFAULT_INCLUDE
+    exclude: tuple[str, ...] = ()
+
+
+def weight_qparams(weight: torch.Tensor, grid: IntRange, group_size: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Min-max scales and zero points, (out, 1) per channel or (out, in // group_size) per group."""
+    out_features, in_features = weight.shape
+    if group_size is None:
+        view = weight.unsqueeze(1)
+    else:
+        if in_features % group_size:
+            raise ConfigError(f"in_features {in_features} is not a multiple of group_size {group_size}")
+        view = weight.reshape(out_features, in_features // group_size, group_size)
+    return minmax_qparams(view.amin(-1), view.amax(-1), grid)
+
+
+def rtn_linear_record(
+    name: str, linear: nn.Linear, config: RTNConfig, activation: ActivationRecord | None = None
+) -> QuantizedLinearRecord:
+    """Quantize one Linear's weight by rounding to nearest on min-max parameters."""
+    grid = IntRange(config.weight_bits, config.weight_signed)
+    if grid.qmax > 127:
+        raise ConfigError(f"{name}: unsigned {grid.bits}-bit codes do not fit int8; use signed weights")
+    weight = linear.weight.detach().float()
+    scale, zero_point = weight_qparams(weight, grid, config.group_size)
+    if config.group_size is None:
+        codes = quantize(weight, scale, zero_point, grid)
+    else:
+        groups = weight.shape[1] // config.group_size
+        shaped = weight.reshape(weight.shape[0], groups, config.group_size)
+        codes = quantize(shaped, scale.unsqueeze(-1), zero_point.unsqueeze(-1), grid).reshape(weight.shape)
+    if activation is None:
+        activation = ActivationRecord(mode=config.activation_mode, bits=config.activation_bits)  # type: ignore[arg-type]
+    bias = None if linear.bias is None else linear.bias.detach().float().clone()
+    return QuantizedLinearRecord(
+        name=name, weight_codes=codes.to(torch.int8), weight_scale=scale.float(), weight_zero_point=zero_point.float(),
+        weight_bits=config.weight_bits, weight_signed=config.weight_signed, group_size=config.group_size,
+        bias=bias, activation=activation,
+    )
+
+
+def matches(name: str, patterns: Sequence[str]) -> bool:
+    """Whether a module name matches one of the fnmatch-style patterns."""
+    return any(fnmatch.fnmatchcase(name, pattern) for pattern in patterns)
+
+
+def rtn_records(model: nn.Module, config: RTNConfig) -> list[QuantizedLinearRecord]:
+    """Records for every Linear of ``model`` selected by ``config.include`` minus ``config.exclude``."""
+    records = [
+        rtn_linear_record(name, module, config)
+        for name, module in model.named_modules()
+        if isinstance(module, nn.Linear) and matches(name, config.include) and not matches(name, config.exclude)
+    ]
+    if not records:
+        raise ConfigError(f"no Linear layer matches include={config.include} exclude={config.exclude}")
+    return records

@@ -1,0 +1,132 @@
+"""W4A8 GEMM: int4 weights (packed two per byte) unpacked to int8 in the main loop, int8 dot.
+
+The weight is the packed layout of :mod:`tfmq_video.export.packing`: uint8 (N, ceil(K/2)),
+element 2j in the low nibble and 2j+1 in the high nibble of byte j. Instead of interleaving the
+unpacked nibbles, the kernel loads the even and the odd activation columns separately and
+issues two int8 dots per step (``x_even . w_lo + x_odd . w_hi``), which is exact. Per-group
+scales (and zero points) are applied per group on the int32 partial sums (QServe-style two-level
+accumulation); per-channel weights are one group spanning K. Math: see
+:mod:`tfmq_video.kernels.intmath`.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from tfmq_video.errors import ConfigError
+from tfmq_video.export.packing import unpack_int4
+from tfmq_video.kernels._triton import HAS_TRITON, require_triton
+from tfmq_video.kernels.intmath import int_linear_ref, weight_correction
+
+
+def w4a8_gemm_ref(
+    x_codes: torch.Tensor, x_scale: torch.Tensor, w_packed: torch.Tensor, in_features: int, w_signed: bool,
+    w_scale: torch.Tensor, bias: torch.Tensor | None = None, x_zero: torch.Tensor | None = None,
+    w_zero: torch.Tensor | None = None, out_dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """Reference of :func:`w4a8_gemm`: unpack, then the exact integer formula in float64."""
+    w_codes = unpack_int4(w_packed, in_features, w_signed)
+    return int_linear_ref(x_codes, x_scale, x_zero, w_codes, w_scale, w_zero, bias, out_dtype)
+
+
+if HAS_TRITON:
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def _unpack_nibbles(packed, SIGNED: tl.constexpr):
+        """uint8 bytes -> (low, high) int8 codes."""
+        b = packed.to(tl.int32)
+        lo = b & 0xF
+        hi = (b >> 4) & 0xF
+        if SIGNED:
+            lo = lo - ((lo & 8) << 1)
+            hi = hi - ((hi & 8) << 1)
+        return lo.to(tl.int8), hi.to(tl.int8)
+
+    @triton.jit
+    def _w4a8_kernel(
+        x_ptr, w_ptr, xs_ptr, xz_ptr, ws_ptr, wz_ptr, corr_ptr, b_ptr, out_ptr,
+        M, N, K, KP, group_len, num_groups,
+        SIGNED: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_XZERO: tl.constexpr, HAS_WZERO: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HALF_K: tl.constexpr,
+    ):
+        """One output tile; the K loop walks groups, and inside a group steps of 2 * HALF_K codes."""
+        pid_m = tl.program_id(0)
+        pid_n = tl.program_id(1)
+        rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        rj = tl.arange(0, HALF_K)
+        facc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for g in range(0, num_groups):
+            k_start = g * group_len
+            iacc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
+            xsum = tl.zeros((BLOCK_M,), dtype=tl.int32)
+            for k0 in range(0, group_len, 2 * HALF_K):
+                k_even = k_start + k0 + 2 * rj
+                in_group = (k0 + 2 * rj) < group_len
+                row_ok = rm[:, None] < M
+                x_even = tl.load(x_ptr + rm[:, None] * K + k_even[None, :],
+                                 mask=row_ok & (k_even[None, :] < K) & in_group[None, :], other=0)
+                x_odd = tl.load(x_ptr + rm[:, None] * K + k_even[None, :] + 1,
+                                mask=row_ok & (k_even[None, :] + 1 < K) & in_group[None, :], other=0)
+                byte = k_even // 2
+                packed = tl.load(w_ptr + rn[None, :] * KP + byte[:, None],
+                                 mask=(rn[None, :] < N) & (byte[:, None] < KP) & in_group[:, None], other=0)
+                w_lo, w_hi = _unpack_nibbles(packed, SIGNED)
+                iacc += tl.dot(x_even, w_lo)
+                iacc += tl.dot(x_odd, w_hi)
+                if HAS_WZERO:
+                    xsum += tl.sum(x_even.to(tl.int32), axis=1) + tl.sum(x_odd.to(tl.int32), axis=1)
+            w_scale = tl.load(ws_ptr + rn * num_groups + g, mask=rn < N, other=0.0)
+            part = iacc.to(tl.float32)
+            if HAS_WZERO:
+                w_zero = tl.load(wz_ptr + rn * num_groups + g, mask=rn < N, other=0.0)
+                part -= w_zero[None, :] * xsum.to(tl.float32)[:, None]
+            facc += part * w_scale[None, :]
+        if HAS_XZERO:
+            x_zero = tl.load(xz_ptr + rm, mask=rm < M, other=0.0)
+            corr = tl.load(corr_ptr + rn, mask=rn < N, other=0.0)
+            facc -= x_zero[:, None] * corr[None, :]
+        out = facc * tl.load(xs_ptr + rm, mask=rm < M, other=0.0)[:, None]
+        if HAS_BIAS:
+            out += tl.load(b_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
+        mask = (rm[:, None] < M) & (rn[None, :] < N)
+        tl.store(out_ptr + rm[:, None] * N + rn[None, :], out.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def w4a8_gemm(
+    x_codes: torch.Tensor, x_scale: torch.Tensor, w_packed: torch.Tensor, in_features: int, w_signed: bool,
+    w_scale: torch.Tensor, bias: torch.Tensor | None = None, x_zero: torch.Tensor | None = None,
+    w_zero: torch.Tensor | None = None, correction: torch.Tensor | None = None,
+    out_dtype: torch.dtype = torch.float16, block_m: int = 64, block_n: int = 64, half_k: int = 32,
+) -> torch.Tensor:
+    """Triton W4A8 linear: int8 (M, K) codes x packed int4 (N, ceil(K/2)) -> (M, N) ``out_dtype``.
+
+    ``w_scale``/``w_zero``: (N, G) with G = 1 (per channel) or K / group_size (even group sizes).
+    """
+    require_triton()
+    M, K = x_codes.shape
+    N, groups = w_scale.shape
+    if in_features != K:
+        raise ConfigError(f"activation has {K} features but the weight expects {in_features}")
+    group_len = K // groups
+    if groups > 1 and (K % groups or group_len % 2):
+        raise ConfigError(f"W4A8 groups must split K={K} into equal even-sized groups, got {groups} groups")
+    out = torch.empty(M, N, dtype=out_dtype, device=x_codes.device)
+    if x_zero is not None and correction is None:
+        codes = unpack_int4(w_packed, in_features, w_signed)
+        correction = weight_correction(codes, w_scale, w_zero if w_zero is not None else torch.zeros_like(w_scale))
+    dummy = w_scale
+    grid = (triton.cdiv(M, block_m), triton.cdiv(N, block_n))
+    _w4a8_kernel[grid](
+        x_codes.contiguous(), w_packed.contiguous(), x_scale.reshape(-1).float().contiguous(),
+        dummy if x_zero is None else x_zero.reshape(-1).float().contiguous(),
+        w_scale.float().contiguous(), dummy if w_zero is None else w_zero.float().contiguous(),
+        dummy if correction is None else correction.float().contiguous(),
+        dummy if bias is None else bias.contiguous(), out,
+        M, N, K, w_packed.shape[1], group_len, groups,
+        SIGNED=w_signed, HAS_BIAS=bias is not None, HAS_XZERO=x_zero is not None, HAS_WZERO=w_zero is not None,
+        BLOCK_M=block_m, BLOCK_N=block_n, HALF_K=half_k,
+    )
+    return out

@@ -1,0 +1,100 @@
+"""W8A8 GEMM: int8 activations x int8 weights -> int32, fused dequantization and bias.
+
+The integer math shared by every backend is in :mod:`tfmq_video.kernels.intmath`.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from tfmq_video.kernels._triton import HAS_TRITON, require_triton
+from tfmq_video.kernels.intmath import int_linear_ref, weight_correction
+
+# --------------------------------------------------------------------------- reference
+
+
+def w8a8_gemm_ref(
+    x_codes: torch.Tensor, x_scale: torch.Tensor, w_codes: torch.Tensor, w_scale: torch.Tensor,
+    bias: torch.Tensor | None = None, x_zero: torch.Tensor | None = None, w_zero: torch.Tensor | None = None,
+    out_dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """Reference of :func:`w8a8_gemm` (per-channel weights: ``w_scale`` (N, 1))."""
+    return int_linear_ref(x_codes, x_scale, x_zero, w_codes, w_scale, w_zero, bias, out_dtype)
+
+
+# --------------------------------------------------------------------------- Triton
+
+if HAS_TRITON:
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def _w8a8_kernel(
+        x_ptr, w_ptr, xs_ptr, xz_ptr, ws_ptr, wz_ptr, corr_ptr, b_ptr, out_ptr,
+        M, N, K,
+        HAS_BIAS: tl.constexpr, HAS_XZERO: tl.constexpr, HAS_WZERO: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    ):
+        """One (BLOCK_M, BLOCK_N) output tile: int8 dot into int32, then the fused epilogue."""
+        pid_m = tl.program_id(0)
+        pid_n = tl.program_id(1)
+        rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        rk = tl.arange(0, BLOCK_K)
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
+        xsum = tl.zeros((BLOCK_M,), dtype=tl.int32)
+        for k0 in range(0, K, BLOCK_K):
+            kk = k0 + rk
+            a = tl.load(x_ptr + rm[:, None] * K + kk[None, :], mask=(rm[:, None] < M) & (kk[None, :] < K), other=0)
+            b = tl.load(w_ptr + rn[None, :] * K + kk[:, None], mask=(rn[None, :] < N) & (kk[:, None] < K), other=0)
+            acc += tl.dot(a, b)
+            if HAS_WZERO:
+                xsum += tl.sum(a.to(tl.int32), axis=1)
+        x_scale = tl.load(xs_ptr + rm, mask=rm < M, other=0.0)
+        w_scale = tl.load(ws_ptr + rn, mask=rn < N, other=0.0)
+        out = acc.to(tl.float32)
+        if HAS_WZERO:
+            w_zero = tl.load(wz_ptr + rn, mask=rn < N, other=0.0)
+            out -= w_zero[None, :] * xsum.to(tl.float32)[:, None]
+        out = out * w_scale[None, :]
+        if HAS_XZERO:
+            x_zero = tl.load(xz_ptr + rm, mask=rm < M, other=0.0)
+            corr = tl.load(corr_ptr + rn, mask=rn < N, other=0.0)
+            out -= x_zero[:, None] * corr[None, :]
+        out = out * x_scale[:, None]
+        if HAS_BIAS:
+            out += tl.load(b_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
+        mask = (rm[:, None] < M) & (rn[None, :] < N)
+        tl.store(out_ptr + rm[:, None] * N + rn[None, :], out.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def w8a8_gemm(
+    x_codes: torch.Tensor, x_scale: torch.Tensor, w_codes: torch.Tensor, w_scale: torch.Tensor,
+    bias: torch.Tensor | None = None, x_zero: torch.Tensor | None = None, w_zero: torch.Tensor | None = None,
+    correction: torch.Tensor | None = None, out_dtype: torch.dtype = torch.float16,
+    block_m: int = 64, block_n: int = 64, block_k: int = 64,
+) -> torch.Tensor:
+    """Triton W8A8 linear: int8 (M, K) codes x int8 (N, K) per-channel codes -> (M, N) ``out_dtype``.
+
+    ``x_scale``/``x_zero`` (M, 1) per token (a static scale is expanded by the caller);
+    ``w_scale``/``w_zero`` (N, 1); ``correction`` is :func:`weight_correction` (needed with ``x_zero``).
+    """
+    require_triton()
+    M, K = x_codes.shape
+    N = w_codes.shape[0]
+    out = torch.empty(M, N, dtype=out_dtype, device=x_codes.device)
+    if x_zero is not None and correction is None:
+        correction = weight_correction(w_codes, w_scale, w_zero if w_zero is not None else torch.zeros_like(w_scale))
+    dummy = w_scale
+    grid = (triton.cdiv(M, block_m), triton.cdiv(N, block_n))
+    _w8a8_kernel[grid](
+        x_codes.contiguous(), w_codes.contiguous(), x_scale.reshape(-1).float().contiguous(),
+        dummy if x_zero is None else x_zero.reshape(-1).float().contiguous(),
+        w_scale.reshape(-1).float().contiguous(),
+        dummy if w_zero is None else w_zero.reshape(-1).float().contiguous(),
+        dummy if correction is None else correction.float().contiguous(),
+        dummy if bias is None else bias.contiguous(), out, M, N, K,
+        HAS_BIAS=bias is not None, HAS_XZERO=x_zero is not None, HAS_WZERO=w_zero is not None,
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
+    )
+    return out

@@ -1,0 +1,126 @@
+"""Fake-quant replacements for Linear/Conv layers and for the attention matmuls.
+
+A wrapped layer keeps the original ``weight``/``bias`` parameters under the same names, so the
+wrapped model's state dict is the original one plus quantizer entries. The forward pass is the
+original one with ``weight -> weight_quant(weight)`` and ``x -> input_quant(x)``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from tfmq_video.quant.quantizers import ActQuantizer, ActSpec, StepContext, WeightQuantizer, WeightSpec
+
+CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+
+class QuantWeightLayer(nn.Module):
+    """Shared part of :class:`QuantLinear` and :class:`QuantConv`: quantized weight and input."""
+
+    channel_dim = -1
+
+    def __init__(
+        self, layer: nn.Module, weight_spec: WeightSpec | None, act_spec: ActSpec | None, context: StepContext | None,
+        initialize: bool = True,
+    ) -> None:
+        super().__init__()
+        self.weight = layer.weight
+        self.bias = layer.bias
+        self.weight_quant = WeightQuantizer(weight_spec, self.weight.shape) if weight_spec is not None else None
+        self.input_quant = ActQuantizer(act_spec, context, self.channel_dim) if act_spec is not None else None
+        if self.weight_quant is not None and initialize:
+            self.weight_quant.initialize(self.weight)
+
+    def quantized_weight(self) -> torch.Tensor:
+        """The weight the forward pass uses (fake-quantized when a weight quantizer is set)."""
+        return self.weight if self.weight_quant is None else self.weight_quant(self.weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.input_quant is not None:
+            x = self.input_quant(x)
+        return self.apply_weight(x, self.quantized_weight())
+
+    def apply_weight(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
+        """The layer's operation with the given weight."""
+        raise NotImplementedError
+
+
+class QuantLinear(QuantWeightLayer):
+    """Fake-quant ``nn.Linear``."""
+
+    def apply_weight(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """``x @ weight.T + bias``."""
+        return F.linear(x, weight, self.bias)
+
+
+class QuantConv(QuantWeightLayer):
+    """Fake-quant ``nn.Conv{1,2,3}d`` (zero padding); weights quantized per output channel."""
+
+    channel_dim = 1
+
+    def __init__(self, layer: nn.Module, weight_spec: WeightSpec | None, act_spec: ActSpec | None,
+                 context: StepContext | None, initialize: bool = True) -> None:
+        super().__init__(layer, weight_spec, act_spec, context, initialize)
+        if layer.padding_mode != "zeros":
+            raise NotImplementedError(f"QuantConv supports zero padding only, got {layer.padding_mode!r}")
+        self.conv_fn = {nn.Conv1d: F.conv1d, nn.Conv2d: F.conv2d, nn.Conv3d: F.conv3d}[type(layer)]
+        self.stride, self.padding = layer.stride, layer.padding
+        self.dilation, self.groups = layer.dilation, layer.groups
+
+    def apply_weight(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """The convolution with the given weight."""
+        return self.conv_fn(x, weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
+
+
+def wrap_weight_layer(
+    layer: nn.Module, weight_spec: WeightSpec | None, act_spec: ActSpec | None, context: StepContext | None,
+    initialize: bool = True,
+) -> QuantWeightLayer:
+    """The fake-quant replacement of a Linear or Conv layer (``initialize``: set its weight scales)."""
+    if isinstance(layer, nn.Linear):
+        return QuantLinear(layer, weight_spec, act_spec, context, initialize)
+    if isinstance(layer, CONV_TYPES):
+        return QuantConv(layer, weight_spec, act_spec, context, initialize)
+    raise TypeError(f"cannot quantize a {type(layer).__name__}: only Linear and Conv1d/2d/3d layers")
+
+
+class QuantAttention(nn.Module):
+    """Attention ``softmax(q k^T / sqrt(d)) v`` with quantized matmul inputs.
+
+    ``q``/``k`` (inputs of QK^T) and ``v`` are quantized with the activation spec; the softmax
+    probabilities (input of P·V) with an unsigned grid of the same bits. ``attn_mask`` is a
+    boolean mask (True = attend) broadcast against the (B, h, n_q, n_k) scores.
+    """
+
+    def __init__(self, spec: ActSpec, context: StepContext | None) -> None:
+        super().__init__()
+        self.q_quant = ActQuantizer(spec, context)
+        self.k_quant = ActQuantizer(spec, context)
+        self.v_quant = ActQuantizer(spec, context)
+        prob_spec = ActSpec(bits=spec.bits, symmetric=False, mode=spec.mode, init="minmax")
+        self.p_quant = ActQuantizer(prob_spec, context)
+
+    def forward(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Same contract as ``F.scaled_dot_product_attention`` with a boolean mask."""
+        q, k, v = self.q_quant(q), self.k_quant(k), self.v_quant(v)
+        scores = (q @ k.transpose(-2, -1)) / math.sqrt(q.shape[-1])
+        if attn_mask is not None:
+            scores = scores.masked_fill(~attn_mask, float("-inf"))
+        probs = self.p_quant(torch.softmax(scores.float(), dim=-1).to(q.dtype))
+        return probs @ v
+
+
+def activation_quantizers(module: nn.Module) -> list[ActQuantizer]:
+    """Every activation quantizer inside ``module``."""
+    return [m for m in module.modules() if isinstance(m, ActQuantizer)]
+
+
+def weight_layers(module: nn.Module) -> list[tuple[str, QuantWeightLayer]]:
+    """Every fake-quant weight layer inside ``module`` with its name."""
+    return [(name, m) for name, m in module.named_modules() if isinstance(m, QuantWeightLayer)]

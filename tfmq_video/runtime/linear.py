@@ -1,0 +1,333 @@
+"""QuantLinear: a Linear with integer weights (W8 or packed W4) and quantized activations.
+
+Built from a :class:`~tfmq_video.quant.records.QuantizedLinearRecord`. Its buffers are the
+exported tensors (int8 codes or packed int4 bytes, float32 scales and zero points, bias,
+static or per-timestep activation parameters), so ``state_dict`` is the checkpoint content.
+The backend (see :mod:`tfmq_video.runtime.backends`) decides how ``forward`` computes:
+every backend implements the same math, ``reference`` in float32.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from tfmq_video.errors import ConfigError
+from tfmq_video.export.packing import pack_int4, unpack_int4
+from tfmq_video.kernels.intmath import weight_correction
+from tfmq_video.quant.affine import IntRange, dequantize, minmax_qparams, quantize
+from tfmq_video.quant.context import TimestepContext
+from tfmq_video.quant.records import ActivationRecord, QuantizedLinearRecord
+from tfmq_video.runtime import int_ops
+from tfmq_video.runtime.backends import resolve_backend, warn_once
+
+
+def int8_offset(grid: IntRange) -> int:
+    """Shift that moves a grid's codes into int8: 128 for unsigned 8-bit codes, else 0."""
+    return 128 if (not grid.signed and grid.bits == 8) else 0
+
+
+class QuantLinear(nn.Module):
+    """Integer-weight Linear with backends ``reference``, ``cpu`` and ``triton`` (see module docstring)."""
+
+    def __init__(
+        self, record: QuantizedLinearRecord, context: TimestepContext | None = None, backend: str = "auto"
+    ) -> None:
+        super().__init__()
+        codes = record.weight_codes
+        if codes.dim() != 2:
+            raise ConfigError(f"{record.name}: weight codes must be 2-D (out, in), got {tuple(codes.shape)}")
+        self.name = record.name
+        if record.weight_bits == 8 and not record.weight_signed:
+            raise ConfigError(
+                f"{record.name}: unsigned 8-bit weight codes (0..255) do not fit the int8 codes of a record; "
+                "use signed (symmetric) 8-bit weights"
+            )
+        self.out_features, self.in_features = codes.shape
+        self.weight_grid = IntRange(record.weight_bits, record.weight_signed)
+        self.group_size = record.group_size
+        self.activation = ActivationRecord(record.activation.mode, record.activation.bits, record.activation.signed)
+        self.act_grid = IntRange(record.activation.bits, record.activation.signed)
+        self.original_shape = record.original_shape
+        if record.weight_bits == 4:
+            self.register_buffer("weight_packed", pack_int4(codes, record.weight_signed))
+        else:
+            self.register_buffer("weight_codes", codes.to(torch.int8).contiguous())
+        groups = 1 if record.group_size is None else self.in_features // record.group_size
+        expected = (self.out_features, groups)
+        for label, tensor in (("weight_scale", record.weight_scale), ("weight_zero_point", record.weight_zero_point)):
+            if tuple(tensor.shape) != expected:
+                raise ConfigError(f"{record.name}: {label} has shape {tuple(tensor.shape)}, expected {expected}")
+        self.register_buffer("weight_scale", record.weight_scale.float().contiguous())
+        self.register_buffer("weight_zero_point", record.weight_zero_point.float().contiguous())
+        self.register_buffer("bias", None if record.bias is None else record.bias.float().contiguous())
+        self._register_activation(record.activation)
+        self.context = context
+        self._cache: dict[str, object] = {}
+        self.backend = "reference"
+        self.set_backend(backend)
+
+    # ------------------------------------------------------------------ construction helpers
+    def _register_activation(self, act: ActivationRecord) -> None:
+        mode = act.mode
+        if mode not in ("static", "per_timestep", "dynamic_per_token", "none"):
+            raise ConfigError(f"{self.name}: unknown activation mode {mode!r}")
+        if mode in ("static", "per_timestep"):
+            if act.scale is None:
+                raise ConfigError(f"{self.name}: activation mode {mode!r} needs a calibrated scale")
+            scale = act.scale.float().reshape(-1 if mode == "per_timestep" else ())
+            zero = torch.zeros_like(scale) if act.zero_point is None else act.zero_point.float().reshape(scale.shape)
+            self.register_buffer("act_scale", scale.contiguous())
+            self.register_buffer("act_zero_point", zero.contiguous())
+        else:
+            self.act_scale = None
+            self.act_zero_point = None
+
+    def to_record(self) -> QuantizedLinearRecord:
+        """The hand-off record these buffers represent (unpacked int8 codes)."""
+        act = ActivationRecord(
+            self.activation.mode, self.activation.bits, self.activation.signed, self.act_scale, self.act_zero_point
+        )
+        return QuantizedLinearRecord(
+            name=self.name, weight_codes=self.codes(), weight_scale=self.weight_scale,
+            weight_zero_point=self.weight_zero_point, weight_bits=self.weight_grid.bits,
+            weight_signed=self.weight_grid.signed, group_size=self.group_size, bias=self.bias, activation=act,
+            original_shape=self.original_shape,
+        )
+
+    # ------------------------------------------------------------------ weights
+    def codes(self) -> torch.Tensor:
+        """The int8 weight codes (out, in) (unpacked for W4)."""
+        if self.weight_grid.bits == 4:
+            return unpack_int4(self.weight_packed, self.in_features, self.weight_grid.signed)
+        return self.weight_codes
+
+    def dequantized_weight(self) -> torch.Tensor:
+        """The float32 weight the codes represent, (out, in)."""
+        groups = self.weight_scale.shape[1]
+        codes = self.codes().float().reshape(self.out_features, groups, -1)
+        weight = (codes - self.weight_zero_point.unsqueeze(-1)) * self.weight_scale.unsqueeze(-1)
+        return weight.reshape(self.out_features, self.in_features)
+
+    def weight_bytes(self) -> int:
+        """Bytes of the stored quantized weight tensors (codes, scales, zero points, bias)."""
+        return sum(b.numel() * b.element_size() for name, b in self.named_buffers() if not name.startswith("act_"))
+
+    def backend_cache_bytes(self) -> int:
+        """Extra bytes the current backend keeps (e.g. unpacked or transposed weights)."""
+        return sum(t.numel() * t.element_size() for t in self._cache.values() if torch.is_tensor(t))
+
+    # ------------------------------------------------------------------ backends
+    def unsupported(self, backend: str) -> str | None:
+        """Why ``backend`` cannot run this layer's scheme, or None."""
+        if backend == "triton" and self.activation.mode != "none":
+            if self.weight_grid.bits not in (4, 8) and self.group_size is not None:
+                return f"{self.weight_grid.bits}-bit per-group weights"
+            if self.weight_grid.bits == 8 and self.group_size is not None:
+                return "per-group W8 (the W8A8 kernel is per-channel)"
+            if self.weight_grid.bits == 4 and self.group_size is not None and self.group_size % 2:
+                return "odd W4 group sizes"
+        return None
+
+    def set_backend(self, requested: str) -> str:
+        """Select the backend (``auto`` or a name); returns the one in use."""
+        device = self.weight_scale.device
+        name = resolve_backend(requested, device)
+        problem = self.unsupported(name)
+        if problem is not None:
+            if requested != "auto":
+                raise ConfigError(f"{self.name}: backend {name!r} does not support {problem}")
+            warn_once(f"backend {name!r} does not support {problem}; such layers use 'reference'")
+            name = "reference"
+        self.backend = name
+        self._prepare()
+        return name
+
+    def _prepare(self) -> None:
+        """Build the backend's prepared weights now, so forward (and a compiled graph) only reads them."""
+        self._cache.clear()
+        if self.backend in ("cpu", "triton") and self.activation.mode != "none":
+            self._integer_weight()
+
+    def _apply(self, fn, recurse=True):  # type: ignore[no-untyped-def]
+        """Moves keep every buffer's dtype: ``model.to(torch.bfloat16)`` must not round the scales."""
+
+        def keep_dtype(t: torch.Tensor) -> torch.Tensor:
+            out = fn(t)
+            return out if out.dtype == t.dtype else out.to(t.dtype)
+
+        result = super()._apply(keep_dtype, recurse)
+        if hasattr(self, "_cache"):
+            self._prepare()  # moved buffers invalidate prepared weights
+        return result
+
+    # ------------------------------------------------------------------ activations
+    def _static_params(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.activation.mode == "static":
+            return self.act_scale, self.act_zero_point
+        if self.context is None:
+            raise ConfigError(f"{self.name}: per-timestep activation parameters need a TimestepContext")
+        index = self.context.index
+        if index >= self.act_scale.shape[0]:
+            raise ConfigError(f"{self.name}: step {index} but only {self.act_scale.shape[0]} calibrated steps")
+        return self.act_scale[index], self.act_zero_point[index]
+
+    def fake_quantize_input(self, x: torch.Tensor) -> torch.Tensor:
+        """The reference activation quantization (quantize then dequantize) in float32."""
+        x = x.float()
+        grid = self.act_grid
+        if self.activation.mode == "none":
+            return x
+        if self.activation.mode == "dynamic_per_token":
+            scale, zero = minmax_qparams(x.amin(-1, keepdim=True), x.amax(-1, keepdim=True), grid)
+        else:
+            scale, zero = self._static_params()
+        return dequantize(quantize(x, scale, zero, grid), scale, zero)
+
+    def quantize_input(self, x2d: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Integer input: int8 codes (M, K), scales (M, 1) or scalar, int8-shifted zero points or None."""
+        grid, offset = self.act_grid, int8_offset(self.act_grid)
+        if self.activation.mode == "dynamic_per_token":
+            if grid.signed:
+                codes, scale = int_ops.fused(int_ops.quant_per_token_symmetric)(x2d, float(grid.qmax))
+                return codes, scale, None
+            return int_ops.fused(int_ops.quant_per_token_asymmetric)(x2d, float(grid.qmin), float(grid.qmax), float(offset))
+        scale, zero = self._static_params()
+        codes = int_ops.fused(int_ops.quant_static)(x2d, scale, zero, float(grid.qmin), float(grid.qmax), float(offset))
+        shifted = zero - offset
+        return codes, scale.reshape(1, 1), (shifted.reshape(1, 1) if bool(shifted != 0) else None)
+
+    # ------------------------------------------------------------------ forward
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(..., in_features) -> (..., out_features) in the input's dtype."""
+        shape = x.shape[:-1]
+        x2d = x.reshape(-1, self.in_features)
+        if self.backend == "reference":
+            out = F.linear(self.fake_quantize_input(x2d), self._reference_weight(), self.bias)
+        elif self.activation.mode == "none":
+            out = F.linear(x2d, self._float_weight(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
+        elif self.backend == "cpu":
+            out = self._forward_cpu(x2d)
+        else:
+            out = self._forward_triton(x2d)
+        return out.to(x.dtype).reshape(*shape, self.out_features)
+
+    def _reference_weight(self) -> torch.Tensor:
+        if "reference" not in self._cache:
+            self._cache["reference"] = self.dequantized_weight()
+        return self._cache["reference"]  # type: ignore[return-value]
+
+    def _float_weight(self, dtype: torch.dtype) -> torch.Tensor:
+        key = f"float_{dtype}"
+        if key not in self._cache:
+            self._cache[key] = self.dequantized_weight().to(dtype)
+        return self._cache[key]  # type: ignore[return-value]
+
+    def _integer_weight(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """int8 codes (in, out) shifted into int8, their zero points (G, out) and the correction C."""
+        if "w_t" not in self._cache:
+            offset = int8_offset(self.weight_grid)
+            codes = (self.codes().to(torch.int16) - offset).to(torch.int8)
+            zero = self.weight_zero_point - offset
+            self._cache["w_t"] = codes.t().contiguous()
+            self._cache["w_zero"] = zero.t().contiguous() if bool((zero != 0).any()) else None
+            self._cache["w_scale"] = self.weight_scale.t().contiguous()
+            self._cache["correction"] = weight_correction(codes, self.weight_scale, zero)
+            if self.backend == "cpu" and self._cache["w_zero"] is None and zero.shape[1] == 1 and int_ops.onednn_available():
+                self._cache["onednn"] = int_ops.onednn_prepack(codes)
+                self._cache["onednn_scale"] = self.weight_scale.reshape(-1).contiguous()
+        return self._cache["w_t"], self._cache["w_scale"], self._cache["w_zero"]  # type: ignore[return-value]
+
+    def _forward_cpu(self, x2d: torch.Tensor) -> torch.Tensor:
+        w_t, w_scale, w_zero = self._integer_weight()
+        mode, grid = self.activation.mode, self.act_grid
+        if "onednn" in self._cache and grid.bits == 8:
+            return self._forward_onednn(x2d)
+        per_channel = w_scale.shape[0] == 1 and w_zero is None
+        if per_channel and mode == "dynamic_per_token" and grid.signed:
+            return int_ops.fused(int_ops.linear_per_token)(x2d, w_t, w_scale, self.bias, float(grid.qmax))
+        if per_channel and mode in ("static", "per_timestep"):
+            scale, zero = self._static_params()
+            return int_ops.fused(int_ops.linear_static)(
+                x2d, w_t, w_scale, self.bias, scale, zero, self._cache["correction"],
+                float(grid.qmin), float(grid.qmax), float(int8_offset(grid)),
+            )
+        codes, x_scale, x_zero = self.quantize_input(x2d)
+        correction = self._cache["correction"] if x_zero is not None else None
+        return self._grouped_cpu(codes, x_scale, x_zero, w_t, w_scale, w_zero, correction)  # type: ignore[arg-type]
+
+    def _forward_onednn(self, x2d: torch.Tensor) -> torch.Tensor:
+        """Prepacked oneDNN GEMM (u8 activations, per-channel s8 weights, fused weight dequantization).
+
+        Static scales go into the GEMM whole; a per-token scale is applied after it, fused with the bias.
+        """
+        packed, w_scale, grid = self._cache["onednn"], self._cache["onednn_scale"], self.act_grid
+        out_dtype = x2d.dtype if x2d.dtype in (torch.float32, torch.bfloat16) else torch.float32
+        if self.activation.mode == "dynamic_per_token" and grid.signed:
+            codes, x_scale = int_ops.fused(int_ops.quant_per_token_u8)(x2d, float(grid.qmax))
+            one, zero_point = torch.ones((), dtype=torch.float32), torch.full((), 128, dtype=torch.int64)
+            y = int_ops.onednn_qlinear(codes, one, zero_point, packed, w_scale, None, out_dtype)
+            return int_ops.fused(int_ops.rescale_rows)(y, x_scale, self.bias, out_dtype)
+        if self.activation.mode in ("static", "per_timestep"):
+            scale, zero = self._static_params()
+            codes = int_ops.fused(int_ops.quant_static_u8)(x2d, scale, zero, float(grid.qmin), float(grid.qmax))
+            zero_u8 = (zero + (128.0 if grid.signed else 0.0)).round().to(torch.int64)
+            return int_ops.onednn_qlinear(codes, scale.float(), zero_u8, packed, w_scale, self.bias, out_dtype)
+        codes, x_scale, x_zero = self.quantize_input(x2d)
+        w_t, w_scale_t, _ = self._integer_weight()
+        correction = self._cache["correction"] if x_zero is not None else None
+        return self._grouped_cpu(codes, x_scale, x_zero, w_t, w_scale_t, None, correction)  # type: ignore[arg-type]
+
+    def _grouped_cpu(
+        self, codes: torch.Tensor, x_scale: torch.Tensor, x_zero: torch.Tensor | None, w_t: torch.Tensor,
+        w_scale: torch.Tensor, w_zero: torch.Tensor | None, correction: torch.Tensor,
+    ) -> torch.Tensor:
+        """Per-group (or asymmetric-weight) CPU path: one ``_int_mm`` per group, float accumulation."""
+        groups = w_scale.shape[0]
+        length = self.in_features // groups
+        out = torch.zeros(codes.shape[0], self.out_features, dtype=torch.float32, device=codes.device)
+        for g in range(groups):
+            cols = slice(g * length, (g + 1) * length)
+            part = torch._int_mm(codes[:, cols].contiguous(), w_t[cols]).float()
+            if w_zero is not None:
+                part -= codes[:, cols].sum(-1, keepdim=True, dtype=torch.int32).float() * w_zero[g]
+            out += part * w_scale[g]
+        if x_zero is not None:
+            out -= x_zero * correction
+        out *= x_scale
+        return out if self.bias is None else out + self.bias
+
+    def _forward_triton(self, x2d: torch.Tensor) -> torch.Tensor:
+        from tfmq_video.kernels import act_quant, w4a8_gemm, w8a8_gemm
+
+        if self.activation.mode == "dynamic_per_token" and self.act_grid.signed and self.act_grid.bits == 8:
+            codes, x_scale = act_quant.per_token_quant(x2d)
+            x_zero = None
+        else:
+            codes, x_scale, x_zero = self.quantize_input(x2d)
+            x_scale = x_scale.expand(codes.shape[0], 1)
+            x_zero = None if x_zero is None else x_zero.expand(codes.shape[0], 1)
+        _, _, w_zero = self._integer_weight()
+        out_dtype = x2d.dtype if x2d.dtype in (torch.float16, torch.float32, torch.bfloat16) else torch.float32
+        common = {"bias": self.bias, "x_zero": x_zero, "correction": self._cache["correction"], "out_dtype": out_dtype}
+        if self.weight_grid.bits == 4:
+            return w4a8_gemm.w4a8_gemm(
+                codes, x_scale, self.weight_packed, self.in_features, self.weight_grid.signed, self.weight_scale,
+                w_zero=None if w_zero is None else self.weight_zero_point, **common,
+            )
+        offset = int8_offset(self.weight_grid)
+        w_codes = self.weight_codes if offset == 0 else (self.weight_codes.to(torch.int16) - offset).to(torch.int8)
+        return w8a8_gemm.w8a8_gemm(
+            codes, x_scale, w_codes, self.weight_scale,
+            w_zero=None if w_zero is None else self.weight_zero_point - offset, **common,
+        )
+
+    def extra_repr(self) -> str:
+        act = self.activation
+        return (
+            f"in={self.in_features}, out={self.out_features}, w{self.weight_grid.bits}"
+            f"{'' if self.group_size is None else f'g{self.group_size}'}a{act.bits if act.mode != 'none' else 16} "
+            f"({act.mode}), backend={self.backend}"
+        )
+
