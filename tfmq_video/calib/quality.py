@@ -162,15 +162,21 @@ def plot_curves(curves: dict[str, Any], path: str) -> None:
     import matplotlib.pyplot as plt
 
     timesteps = curves["timesteps"]
+    labels = [label for label in curves if label != "timesteps"]
+    methods = sorted({label.split()[0] for label in labels})
+    settings = sorted({label.split()[-1] for label in labels})
+    colors = plt.get_cmap("tab10")
+    styles = ("-", "--", ":", "-.")
     fig, ax = plt.subplots(figsize=(8, 5))
     exact = []
-    for label, values in curves.items():
-        if label == "timesteps":
-            continue
+    for label in labels:
+        values = curves[label]
         if max(values) == 0.0:  # TIB kept FP: nothing to draw on a log scale
             exact.append(label)
             continue
-        ax.plot(timesteps, values, marker="o", markersize=3, label=label)
+        method, setting = label.split()[0], label.split()[-1]
+        ax.plot(timesteps, values, marker="o", markersize=3, label=label,
+                color=colors(methods.index(method) % 10), linestyle=styles[settings.index(setting) % len(styles)])
     if exact:
         ax.set_title("zero error (TIB kept FP): " + ", ".join(exact), fontsize=8)
     ax.set_xlabel("timestep")
