@@ -25,7 +25,7 @@ def test_help_lists_every_command() -> None:
 def test_demo_writes_videos_strip_and_summary(tmp_path: Path) -> None:
     out = tmp_path / "demo"
     result = run_cli("demo", "--out", str(out), "--captions", "a red square moving left", "a blue circle moving up",
-                     "--seeds", "3", "4", "--steps", "2", "--threads", "1")
+                     "--seeds", "3", "4", "--steps", "2", "--threads", "1", "--quantize", "none")
     assert result.returncode == 0, result.stderr
     summary = json.loads((out / "demo.json").read_text())
     assert [v["seed"] for v in summary["videos"]] == [3, 4]
@@ -46,3 +46,17 @@ def test_demo_rejects_unknown_words_before_work(tmp_path: Path, capsys) -> None:
 def test_demo_needs_one_seed_per_caption(tmp_path: Path, capsys) -> None:
     assert main(["demo", "--out", str(tmp_path), "--captions", "a red square moving left", "--seeds", "1", "2"]) == 2
     assert "one per caption" in capsys.readouterr().err
+
+
+def test_demo_calibrates_w4a8_and_compares_with_fp(tmp_path: Path) -> None:
+    out = tmp_path / "demo"
+    result = run_cli("demo", "--out", str(out), "--captions", "a red square moving left", "a green circle moving up")
+    assert result.returncode == 0, result.stderr
+    summary = json.loads((out / "demo.json").read_text())["w4a8"]
+    assert Path(summary["checkpoint"]).is_dir()
+    assert 0 <= summary["temporal_feature_error"] < 0.01
+    for video in summary["videos"]:
+        assert read_video(video["path"]).shape == (8, 32, 32, 3)
+        assert Path(video["strip"]).stat().st_size > 0
+        # W4A8 stays close to FP (the same seeds): far above the ~13 dB of an unrelated FP video.
+        assert video["psnr_vs_fp"] > 18, video
