@@ -55,6 +55,8 @@ def test_demo_calibrates_w4a8_and_compares_with_fp(tmp_path: Path) -> None:
     summary = json.loads((out / "demo.json").read_text())["w4a8"]
     assert Path(summary["checkpoint"]).is_dir()
     assert 0 <= summary["temporal_feature_error"] < 0.01
+    report = json.loads((out / "report.json").read_text())
+    assert "W4A8 TFMQ" in json.dumps(report) and Path(summary["report"]).is_file()
     for video in summary["videos"]:
         assert read_video(video["path"]).shape == (8, 32, 32, 3)
         assert Path(video["strip"]).stat().st_size > 0

@@ -108,13 +108,14 @@ def check_inputs(args: argparse.Namespace) -> list[int]:
 
 def write_videos(out: Path, tag: str, captions: list[str], seeds: list[int], clips: np.ndarray, suffix: str
                  ) -> list[dict]:
-    """One video file per clip; returns their records."""
+    """One video file per clip under ``out/tag/`` (same names for FP and quantized); returns their records."""
+    (out / tag).mkdir(parents=True, exist_ok=True)
     from eval_video.io import write_video
     from tfmq_video.toy.world import TOY_FPS
 
     records = []
     for index, (caption, seed, clip) in enumerate(zip(captions, seeds, clips, strict=True)):
-        path = write_video(out / f"{tag}_{file_stem(index, caption, seed)}{suffix}", clip, fps=TOY_FPS)
+        path = write_video(out / tag / f"{file_stem(index, caption, seed)}{suffix}", clip, fps=TOY_FPS)
         records.append({"caption": caption, "seed": seed, "path": str(path)})
     return records
 
@@ -146,7 +147,9 @@ def quantized_stage(args: argparse.Namespace, model: torch.nn.Module, seeds: lis
         video["psnr_vs_fp"] = round(psnr(quantized, fp), 2)
         video["strip"] = str(write_comparison_strip(args.out / f"compare_{index:02d}.png", fp, quantized,
                                                     labels=("FP", "W4A8 TFMQ")))
+    report = evaluation_report(args.out)
     return {
+        "report": report,
         "recipe": str(recipe_path),
         "checkpoint": str(checkpoint),
         "calibration_seconds": round(calib_seconds, 1),
@@ -155,6 +158,16 @@ def quantized_stage(args: argparse.Namespace, model: torch.nn.Module, seeds: lis
         "mean_psnr_vs_fp": round(float(np.mean([v["psnr_vs_fp"] for v in videos])), 2),
         "videos": videos,
     }
+
+
+def evaluation_report(out: Path) -> str:
+    """``tfmq-video eval`` of the W4A8 videos against FP (toy backbone and proxies); returns the report path."""
+    from eval_video.evaluate import EvalConfig, evaluate, write_reports
+
+    config = EvalConfig(videos=[out / "w4a8"], labels=["W4A8 TFMQ"], fp=out / "fp",
+                        metrics=["fvd_fp", "fidelity", "vbench"], fvd_backbone="toy", frame_proxy="toy", progress=False)
+    written = write_reports(evaluate(config, out / "report"), out / "report.json", out / "report.md", out / "report")
+    return str(written[-1])
 
 
 def run(args: argparse.Namespace) -> int:
@@ -193,6 +206,7 @@ def run(args: argparse.Namespace) -> int:
         summary["w4a8"] = quantized_stage(args, model, seeds, sampler, clips, suffix)
         q = summary["w4a8"]
         print(f"calibrated W4A8 TFMQ in {q['calibration_seconds']:.0f} s -> {q['checkpoint']}")
+        print(f"evaluation report (W4A8 vs FP): {q['report']}")
         for video in q["videos"]:
             print(f"  {video['path']}  PSNR vs FP {video['psnr_vs_fp']:.1f} dB, strip {video['strip']}")
     write_text_atomic(out / "demo.json", json.dumps(summary, indent=2) + "\n")
