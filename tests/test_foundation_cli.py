@@ -57,6 +57,8 @@ def test_demo_calibrates_w4a8_and_compares_with_fp(tmp_path: Path) -> None:
     assert 0 <= summary["temporal_feature_error"] < 0.01
     report = json.loads((out / "report.json").read_text())
     assert "W4A8 TFMQ" in json.dumps(report) and Path(summary["report"]).is_file()
+    for metric in ("fvd_fp", "psnr", "ssim", "temporal_flickering"):
+        assert metric in json.dumps(report), metric
     for video in summary["videos"]:
         assert read_video(video["path"]).shape == (8, 32, 32, 3)
         assert Path(video["strip"]).stat().st_size > 0

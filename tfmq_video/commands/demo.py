@@ -162,10 +162,10 @@ def quantized_stage(args: argparse.Namespace, model: torch.nn.Module, seeds: lis
 
 def evaluation_report(out: Path) -> str:
     """``tfmq-video eval`` of the W4A8 videos against FP (toy backbone and proxies); returns the report path."""
-    from eval_video.evaluate import EvalConfig, evaluate, write_reports
+    from eval_video.evaluate import EvalConfig, evaluate, expand_metrics, write_reports
 
     config = EvalConfig(videos=[out / "w4a8"], labels=["W4A8 TFMQ"], fp=out / "fp",
-                        metrics=["fvd_fp", "fidelity", "vbench"], fvd_backbone="toy", frame_proxy="toy", progress=False)
+                        metrics=expand_metrics(["fvd_fp", "fidelity", "vbench"]), fvd_backbone="toy", frame_proxy="toy", progress=False)
     written = write_reports(evaluate(config, out / "report"), out / "report.json", out / "report.md", out / "report")
     return str(written[-1])
 
