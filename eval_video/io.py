@@ -188,6 +188,22 @@ def _decord_available() -> bool:
     return True
 
 
+def _read_container(path: Path, backend: str) -> tuple[np.ndarray, float | None]:
+    """Decode with the chosen backend; ``auto`` tries decord first and falls back to PyAV with a warning.
+
+    decord 0.6 fails on some small libx264 files (a chroma buffer size check) that PyAV reads.
+    """
+    if backend == "pyav" or (backend == "auto" and not _decord_available()):
+        return _read_pyav(path)
+    try:
+        return _read_decord(path)
+    except VideoError as err:
+        if backend == "decord":
+            raise
+        logger.warning("%s; reading it with PyAV instead", err)
+        return _read_pyav(path)
+
+
 def load_video(path: str | os.PathLike, fps: float | None = None, backend: str = "auto") -> Video:
     """Read a video file or a folder of frames into a :class:`Video`.
 
@@ -209,8 +225,7 @@ def load_video(path: str | os.PathLike, fps: float | None = None, backend: str =
     elif path.suffix.lower() == GIF_SUFFIX:
         frames, found_fps = _read_gif(path)
     elif path.suffix.lower() in VIDEO_SUFFIXES:
-        use_decord = backend == "decord" or (backend == "auto" and _decord_available())
-        frames, found_fps = _read_decord(path) if use_decord else _read_pyav(path)
+        frames, found_fps = _read_container(path, backend)
     else:
         raise VideoError(f"{path}: unknown video format {path.suffix!r}; expected a folder of frames or one of "
                          f"{', '.join(VIDEO_SUFFIXES + (GIF_SUFFIX,))}")
