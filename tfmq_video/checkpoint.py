@@ -10,7 +10,7 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import torch
@@ -98,23 +98,16 @@ def load_into(module: nn.Module, state: Mapping[str, torch.Tensor], source: str)
     return module
 
 
-def write_folder(
-    folder: str | os.PathLike,
-    config: dict,
-    state: Mapping[str, torch.Tensor],
-    extra_files: Mapping[str, str] | None = None,
-    metadata: Mapping[str, str] | None = None,
-) -> Path:
-    """Write ``config.json`` + ``model.safetensors`` (+ extra text files) atomically; return the folder."""
+def atomic_folder(folder: str | os.PathLike, write: Callable[[Path], None]) -> Path:
+    """Run ``write(tmp)`` into a temporary sibling folder, then move it into place.
+
+    An interrupted write leaves the previous ``folder`` (if any) untouched.
+    """
     folder = Path(folder)
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
     try:
-        (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-        tensors = {name: t.detach().contiguous().cpu() for name, t in state.items()}
-        save_file(tensors, str(tmp / WEIGHTS_NAME), metadata=dict(metadata or {}))
-        for name, text in (extra_files or {}).items():
-            (tmp / name).write_text(text)
+        write(tmp)
         if folder.exists():
             backup = folder.with_name(folder.name + ".old")
             shutil.rmtree(backup, ignore_errors=True)
@@ -127,3 +120,22 @@ def write_folder(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return folder
+
+
+def write_folder(
+    folder: str | os.PathLike,
+    config: dict,
+    state: Mapping[str, torch.Tensor],
+    extra_files: Mapping[str, str] | None = None,
+    metadata: Mapping[str, str] | None = None,
+) -> Path:
+    """Write ``config.json`` + ``model.safetensors`` (+ extra text files) atomically; return the folder."""
+
+    def write(tmp: Path) -> None:
+        (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        tensors = {name: t.detach().contiguous().cpu() for name, t in state.items()}
+        save_file(tensors, str(tmp / WEIGHTS_NAME), metadata=dict(metadata or {}))
+        for name, text in (extra_files or {}).items():
+            (tmp / name).write_text(text)
+
+    return atomic_folder(folder, write)

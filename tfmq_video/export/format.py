@@ -21,8 +21,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
-import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -31,6 +29,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from tfmq_video.checkpoint import atomic_folder
 from tfmq_video.errors import CheckpointError, ConfigError
 from tfmq_video.export.packing import packed_columns, unpack_int4
 from tfmq_video.quant.records import ActivationRecord, QuantizedLinearRecord
@@ -106,26 +105,6 @@ def _layer_entry(layer: QuantLinear) -> dict:
     }
 
 
-def _atomic_folder(folder: Path, write: Callable[[Path], None]) -> Path:
-    """Run ``write(tmp)`` into a temporary sibling folder, then move it into place."""
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
-    try:
-        write(tmp)
-        if folder.exists():
-            backup = folder.with_name(folder.name + ".old")
-            shutil.rmtree(backup, ignore_errors=True)
-            folder.rename(backup)
-            tmp.rename(folder)
-            shutil.rmtree(backup, ignore_errors=True)
-        else:
-            tmp.rename(folder)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return folder
-
-
 def bf16_bytes(layer: QuantLinear) -> int:
     """Bytes the same layer takes as a bf16 Linear (weight and bias)."""
     return 2 * layer.out_features * (layer.in_features + (1 if layer.bias is not None else 0))
@@ -181,7 +160,7 @@ def save_quantized(
             manifest["files"][file_name] = {"sha256": sha256_file(tmp / file_name), "bytes": (tmp / file_name).stat().st_size}
         (tmp / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
 
-    return _atomic_folder(Path(folder), write)
+    return atomic_folder(Path(folder), write)
 
 
 # --------------------------------------------------------------------------- load
