@@ -12,12 +12,16 @@ import torch
 from tfmq_video.errors import CheckpointError, ConfigError
 from tfmq_video.toy.data import (
     COLORS,
+    CROSS_AXIS_JITTER,
     DIRECTIONS,
+    FRAME_SIZE,
     NUM_FRAMES,
     all_captions,
     clips_to_tensor,
+    draw_specs,
     held_out_captions,
     make_clips,
+    render_clip,
     tensor_to_clips,
     train_captions,
 )
@@ -53,6 +57,20 @@ def test_objects_move_as_captioned() -> None:
         dx, dy = np.subtract(centroids[-1], centroids[0])
         ex, ey = DIRECTIONS[spec.caption.direction]
         assert np.sign(round(dx)) == ex and np.sign(round(dy)) == ey, spec
+
+
+def test_a_fading_trail_follows_the_object_near_its_axis_centre_line() -> None:
+    for spec in draw_specs(11, 12, all_captions()):
+        spec = replace(spec, background="solid", background_colors=((40, 40, 40), (40, 40, 40)))
+        frame = render_clip(spec)[NUM_FRAMES // 2].astype(int)
+        color = np.array(COLORS[spec.caption.color])
+        solid = np.abs(frame - color).sum(-1) < 40
+        tinted = (np.abs(frame - 40).sum(-1) > 30) & ~solid
+        ex, ey = DIRECTIONS[spec.caption.direction]
+        along = [float(np.nonzero(m)[1].mean() * ex + np.nonzero(m)[0].mean() * ey) for m in (tinted, solid)]
+        assert tinted.sum() > 10 and along[0] < along[1] - 1, spec  # the trail lies behind the object
+        cross = spec.start[1] if ex else spec.start[0]
+        assert abs(cross - FRAME_SIZE / 2) <= CROSS_AXIS_JITTER, spec
 
 
 def test_held_out_captions_never_appear_in_training_but_their_words_do() -> None:

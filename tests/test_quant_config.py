@@ -52,7 +52,8 @@ def test_yaml_file_errors(tmp_path: Path) -> None:
 @pytest.mark.parametrize("path", sorted(CONFIGS.glob("*.yaml")), ids=lambda p: p.name)
 def test_bundled_configs_are_valid(path: Path) -> None:
     recipe = load_config(path)
-    assert recipe.model.path == "toy"
+    # The toy recipes use the bundled model; the real-model recipes name a folder the user edits.
+    assert recipe.model.path == "toy" or recipe.calibration.prompts_file is not None
 
 
 def test_method_recipes_override_bits_and_reject_unknown_methods() -> None:

@@ -177,3 +177,15 @@ def test_fsc_outside_the_calibrated_set_uses_nearest_step_and_warns_once(caplog:
         ActQuantizer(ActSpec(mode="per_timestep"), StepContext([1.0]))(torch.ones(2))
     with pytest.raises(ConfigError, match="needs a StepContext"):
         ActQuantizer(ActSpec(mode="per_timestep"))
+
+
+@pytest.mark.parametrize(("bits", "symmetric"), [(8, False), (8, True), (4, False), (4, True)])
+def test_freezing_keeps_the_fake_quantized_weight(bits: int, symmetric: bool) -> None:
+    # Unsigned 8-bit codes reach 255: the frozen code buffer must hold them without wrapping.
+    weight = torch.randn(16, 32, generator=torch.Generator().manual_seed(0)) + 0.5
+    quantizer = WeightQuantizer(WeightSpec(bits=bits, symmetric=symmetric, init="minmax"), weight.shape)
+    quantizer.initialize(weight)
+    before = quantizer(weight)
+    quantizer.freeze(weight)
+    assert int(quantizer.codes.max()) > (2 ** (bits - 1) if not symmetric else 0)
+    assert torch.equal(quantizer(weight), before)

@@ -67,9 +67,11 @@ def test_cpu_matches_reference_dynamic(config: RTNConfig) -> None:
     compare_backends(make_layer(config), inputs_with_outliers(33, 70, seed=2))
 
 
-def test_unsigned_8bit_weights_are_rejected() -> None:
-    with pytest.raises(ConfigError, match="int8"):
-        make_layer(RTNConfig(weight_bits=8, weight_signed=False))
+@pytest.mark.parametrize("group_size", [None, 10])
+def test_unsigned_8bit_weights_run_on_cpu(group_size: int | None) -> None:
+    layer = make_layer(RTNConfig(weight_bits=8, weight_signed=False, group_size=group_size))
+    assert layer.weight_codes.dtype == torch.uint8 and int(layer.weight_codes.max()) > 127
+    compare_backends(layer, inputs_with_outliers(33, 70, seed=2))
 
 
 def test_cpu_matches_reference_asymmetric_per_token() -> None:

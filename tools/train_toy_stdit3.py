@@ -46,6 +46,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--init-from", type=Path, default=None,
                         help="start from the weights of an exported model folder (a warm start; fresh optimizer)")
     parser.add_argument("--data-workers", type=int, default=1, help="threads that build batches ahead")
+    parser.add_argument("--compile", action="store_true",
+                        help="torch.compile the model (about 20%% faster steps on CPU after a ~1.5 min compile)")
     return parser.parse_args()
 
 
@@ -86,6 +88,7 @@ def train(args: argparse.Namespace) -> STDiT3:
     sampler = RFlowSampler(TOY_SAMPLER_CONFIG)
     extra = {k: v.to(device) for k, v in model_kwargs(args.batch_size).items()}
     model.train()
+    forward = torch.compile(model) if args.compile else model
     started = time.time()
     seconds_before = run.seconds
     progress = tqdm(total=args.steps, initial=run.step, desc=f"train toy STDiT3 ({device})")
@@ -100,7 +103,7 @@ def train(args: argparse.Namespace) -> STDiT3:
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(step, args.lr, args.warmup, args.steps)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=not args.no_bf16):
-            pred = model(x_t, batch["t"], batch["y"], mask=batch["mask"], **extra)
+            pred = forward(x_t, batch["t"], batch["y"], mask=batch["mask"], **extra)
         loss = (pred.float() - sampler.velocity_target(batch["x0"], batch["noise"])).pow(2).mean()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -132,6 +135,9 @@ def train(args: argparse.Namespace) -> STDiT3:
             "command": "python tools/train_toy_stdit3.py " + " ".join(
                 f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if v not in (None, False)),
         }
+        lineage = None if args.init_from is None else args.init_from / "training.json"
+        if lineage is not None and lineage.is_file():
+            record["initialized_from"] = json.loads(lineage.read_text())  # how the warm-start weights were made
         (args.export / "training.json").write_text(json.dumps(record, indent=2) + "\n")
         log.info("exported EMA model to %s", args.export)
     return final

@@ -4,10 +4,13 @@ Models: the bundled toy STDiT3 (if its folder is present) and a mid-size random 
 (STDiT3-XL head dim 72, 2048 video tokens per sample, CFG doubles the batch). Quantized models
 come from RTN records, go through export and ``load_quantized`` (so the on-disk format is what
 runs), and use dynamic per-token int8 activations with the TIB and embedders in full precision.
-A W8A8 row with static per-tensor activation scales (min-max over one FP step, standing in for
-calibrated FSC parameters) times the static-scale kernels. Every row is measured in the same
-process; the error column compares each quantized output with the ``reference`` backend of the
-same scheme (fp rows: bf16 against fp32).
+A W8A8 row with static per-tensor activation scales (min-max over one FP step) times the
+static-scale kernels, and a W8A8 ``fsc`` row with per-timestep scales (min-max per step over one
+FP sampling run, standing in for calibrated FSC parameters) times the per-timestep path. Every
+row is measured in the same process; the error column compares each quantized output with the
+``reference`` backend of the same scheme (fp rows: bf16 against fp32). ``first_seconds`` is the
+first (cold) run, compilation included, and ``compiled_graphs`` the number of graphs Dynamo
+compiled for the row.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from torch._dynamo.utils import counters
 
 from dit_adapters.opensora.rflow import RFlowSampler, SamplerConfig, seeded_noise
 from dit_adapters.opensora.stdit3 import STDiT3, STDiT3Config
@@ -130,8 +134,52 @@ def static_records(work: Workload, bits: int) -> list:
     return records
 
 
-def variants(work: Workload, device: torch.device, folder: Path, backends: list[str]) -> list[tuple[dict, nn.Module]]:
-    """(row description, model) for fp32, bf16 and each (bit width, backend)."""
+@torch.no_grad()
+def per_timestep_records(work: Workload, bits: int) -> tuple[list, list[float]]:
+    """RTN records with per-timestep (FSC) activation scales, max |x| / 127 per step of one FP sampling run.
+
+    Returns the records and the calibrated timesteps (in the order the sampler visits them).
+    """
+    records = rtn_records(work.model, RTNConfig(weight_bits=bits))
+    timesteps: list[float] = []
+    peaks: dict[tuple[str, int], float] = {}
+
+    def on_call(_m: nn.Module, args: tuple, kwargs: dict) -> None:
+        t = float(kwargs.get("timestep", args[1] if len(args) > 1 else None).reshape(-1)[0])
+        if not timesteps or abs(timesteps[-1] - t) > 1e-6:
+            timesteps.append(t)
+
+    def on_layer(_m: nn.Module, args: tuple, name: str) -> None:
+        key = (name, len(timesteps) - 1)
+        peaks[key] = max(peaks.get(key, 0.0), float(args[0].abs().max()))
+
+    hooks = [work.model.register_forward_pre_hook(on_call, with_kwargs=True)]
+    for r in records:
+        layer = work.model.get_submodule(r.name)
+        hooks.append(layer.register_forward_pre_hook(lambda m, a, name=r.name: on_layer(m, a, name)))
+    try:
+        sample_fn(work, work.model, torch.device("cpu"))()
+    finally:
+        for hook in hooks:
+            hook.remove()
+    for record in records:
+        peak = [max(peaks.get((record.name, i), 0.0), 1e-8) for i in range(len(timesteps))]
+        scale = torch.tensor(peak) / 127.0
+        record.activation = ActivationRecord("per_timestep", 8, True, scale, torch.zeros_like(scale))
+    return records, timesteps
+
+
+SCHEMES = ("w8a8", "w4a8", "w8a8_static", "w8a8_fsc")
+
+
+def variants(
+    work: Workload,
+    device: torch.device,
+    folder: Path,
+    backends: list[str],
+    schemes: tuple[str, ...] = SCHEMES,
+) -> list[tuple[dict, nn.Module]]:
+    """(row description, model) for fp32, bf16 and each (scheme, backend)."""
     half = torch.float16 if device.type == "cuda" else torch.bfloat16
     out = [
         ({"backend": "torch", "wbits": 32, "abits": 32, "act": "fp", "dtype": "fp32"}, work.model.to(device)),
@@ -139,11 +187,16 @@ def variants(work: Workload, device: torch.device, folder: Path, backends: list[
          copy.deepcopy(work.model).to(device, half)),
     ]
     work.model.cpu()
-    schemes = [(8, "dynamic", rtn_records(work.model, RTNConfig(weight_bits=8))),
-               (4, "dynamic", rtn_records(work.model, RTNConfig(weight_bits=4))),
-               (8, "static", static_records(work, 8))]
-    for bits, act, records in schemes:
-        path = save_quantized(folder / f"w{bits}a8_{act}", work.model, records)
+    builders = {
+        "w8a8": lambda: (8, "dynamic", rtn_records(work.model, RTNConfig(weight_bits=8)), None),
+        "w4a8": lambda: (4, "dynamic", rtn_records(work.model, RTNConfig(weight_bits=4)), None),
+        "w8a8_static": lambda: (8, "static", static_records(work, 8), None),
+        "w8a8_fsc": lambda: (8, "fsc", *per_timestep_records(work, 8)),
+    }
+    for scheme in schemes:
+        bits, act, records, timesteps = builders[scheme]()
+        folder_name = f"w{bits}a8_{act}"
+        path = save_quantized(folder / folder_name, work.model, records, calibrated_timesteps=timesteps)
         for backend in backends:
             dtype = torch.float32 if backend == "reference" else half
             model = load_quantized(path, backend=backend, dtype=dtype).to(device)
@@ -153,16 +206,21 @@ def variants(work: Workload, device: torch.device, folder: Path, backends: list[
     return out
 
 
-def benchmark_workload(work: Workload, device: torch.device, backends: list[str], repeat: int) -> list[dict]:
-    """Time one sampling run per variant; fill in speedups, bytes and errors."""
+def benchmark_workload(
+    work: Workload, device: torch.device, backends: list[str], repeat: int, schemes: tuple[str, ...] = SCHEMES
+) -> list[dict]:
+    """Time one sampling run per variant; fill in speedups, bytes, compilations and errors."""
     rows = []
     outputs: dict[tuple, torch.Tensor] = {}
     with tempfile.TemporaryDirectory() as tmp:
-        for row, model in variants(work, device, Path(tmp), backends):
+        for row, model in variants(work, device, Path(tmp), backends, schemes):
             run = sample_fn(work, model, device)
             log.info("%s: %s", work.name, row)
             row.update(model=work.name, steps=work.sampler.num_steps, weight_bytes=state_bytes(model))
-            row["seconds"] = time_ms(run, device, repeat, warmup=1) / 1e3
+            graphs = counters["stats"]["unique_graphs"]
+            row["first_seconds"] = time_ms(run, device, 1, warmup=0) / 1e3
+            row["seconds"] = time_ms(run, device, repeat, warmup=0) / 1e3
+            row["compiled_graphs"] = counters["stats"]["unique_graphs"] - graphs
             outputs[(row["backend"], row["wbits"], row["act"])] = run().float().cpu()
             rows.append(row)
     fp32 = next(r for r in rows if r["wbits"] == 32)
@@ -188,6 +246,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--toy-steps", type=int, default=None, help="sampling steps of the toy model (default: its own)")
     parser.add_argument("--repeat", type=int, default=1, help="timed sampling runs per row (median)")
     parser.add_argument("--backends", nargs="*", default=None, help="default: every backend that can run here")
+    parser.add_argument(
+        "--schemes",
+        nargs="*",
+        default=list(SCHEMES),
+        choices=SCHEMES,
+        help="quantized rows (default: all; w8a8_fsc: per-timestep activation scales)",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -204,8 +269,9 @@ def run(args: argparse.Namespace) -> int:
     rows = []
     for work in workloads:
         if work is not None:
-            rows += benchmark_workload(work, device, backends, args.repeat)
-    print_table(rows, ("model", "steps", "backend", "wbits", "abits", "act", "dtype", "seconds", "speedup_vs_fp32",
-                       "speedup_vs_bf16", "weight_bytes", "rel_err_vs_reference", "rel_err_vs_fp32"))
+            rows += benchmark_workload(work, device, backends, args.repeat, tuple(args.schemes))
+    print_table(rows, ("model", "steps", "backend", "wbits", "abits", "act", "dtype", "first_seconds", "seconds",
+                       "compiled_graphs", "speedup_vs_fp32", "speedup_vs_bf16", "weight_bytes", "rel_err_vs_reference",
+                       "rel_err_vs_fp32"))
     write_json(args.json_path, {"benchmark": "model", "machine": machine_info(device), "backends": backends, "rows": rows})
     return 0

@@ -101,15 +101,19 @@ def calibrate_recipe(recipe: RecipeConfig, model: nn.Module | None = None) -> Qu
     """Load the recipe's model (unless given), record its calibration set in one FP sampling
     pass and :func:`quantize` it; ``report["seconds"]`` gains ``record`` and ``calibration_total``.
 
-    Calibration prompts come from the toy world (the only text encoder bundled here).
+    Calibration prompts are the toy world's (default) or ``calibration.prompts_file`` encoded by
+    ``calibration.text_encoder`` (a local T5 folder), sampled at ``calibration.video`` size.
     """
-    from tfmq_video.calib.recorder import record_toy_calibration
+    from tfmq_video.calib.recorder import record_recipe_calibration
 
     adapter = get_adapter(recipe.model.adapter)
+    if recipe.calibration.prompts_file is not None:
+        from tfmq_video.calib.prompts import check_prompt_inputs
+
+        check_prompt_inputs(recipe.calibration)  # a missing file or encoder fails before the model loads
     model = adapter.load_model(recipe.model.path) if model is None else model
     start = time.perf_counter()
-    cal = recipe.calibration
-    calibration = record_toy_calibration(model, cal.num_prompts, cal.seed, cal.steps, cal.batch_size, recipe.progress)
+    calibration = record_recipe_calibration(model, recipe.calibration, recipe.progress)
     record_seconds = time.perf_counter() - start
     log.info("recorded %d calls over %d steps in %.1f s (%.1f MB on CPU)", len(calibration.calls),
              len(calibration.timesteps), record_seconds, calibration.nbytes() / 2**20)

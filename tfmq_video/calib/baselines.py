@@ -2,7 +2,9 @@
 
 - ``rtn``: min-max per-channel weights, static per-tensor min-max activations, TIB quantized.
 - ``qdiffusion``: block reconstruction (AdaRound) on the timestep-aware set, one static
-  activation parameter set for all timesteps, TIB quantized like the rest (no TIAR/FSC).
+  activation parameter set for all timesteps, TIB treated like any layer outside the blocks
+  (BRECQ): each TIB layer reconstructed on its own output (``tib.layerwise_reconstruction``;
+  no TIAR, FSC, cache or selection).
 - ``viditq``: dynamic per-token activations, TIB kept FP, min-max per-channel weights.
 - ``tfmq-tiar``: TIAR only (static TIB activations), plus block reconstruction.
 - ``tfmq-fsc``: FSC per-timestep TIB activations and the cache with selection, no TIAR.
@@ -18,7 +20,8 @@ from typing import Any
 from tfmq_video.errors import ConfigError
 from tfmq_video.quant.config import RecipeConfig, parse_config
 
-TIB_OFF = {"keep_fp": False, "tiar": False, "fsc": False, "cache": False, "select": False}
+TIB_OFF = {"keep_fp": False, "tiar": False, "fsc": False, "cache": False, "select": False,
+           "layerwise_reconstruction": False}
 
 # method -> overrides of the base recipe, by section
 METHODS: dict[str, dict[str, dict[str, Any]]] = {
@@ -28,7 +31,8 @@ METHODS: dict[str, dict[str, dict[str, Any]]] = {
         "weight": {"init": "minmax"},
         "activation": {"init": "minmax", "mode": "static"},
     },
-    "qdiffusion": {"tib": TIB_OFF, "reconstruction": {"enabled": True}, "activation": {"mode": "static"}},
+    "qdiffusion": {"tib": {**TIB_OFF, "layerwise_reconstruction": True}, "reconstruction": {"enabled": True},
+                   "activation": {"mode": "static"}},
     "viditq": {
         "tib": {**TIB_OFF, "keep_fp": True},
         "reconstruction": {"enabled": False},

@@ -8,14 +8,17 @@ CPU. Cost: one sampler run, i.e. O(T) model calls, for the whole calibration set
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
-from dit_adapters.opensora.rflow import StepState
+from dit_adapters.opensora.rflow import RFlowSampler, SamplerConfig, StepState, seeded_noise
 from tfmq_video.errors import ConfigError
+
+if TYPE_CHECKING:
+    from tfmq_video.quant.config import CalibrationConfig
 
 
 def _to_cpu(value: Any) -> Any:
@@ -95,13 +98,70 @@ class StepRecorder:
         return CalibrationSet([self.timesteps[s] for s in order], calls, order)
 
 
+def calibration_seeds(seed: int, count: int) -> list[int]:
+    """The noise seed of every calibration prompt (one per prompt, independent of batching)."""
+    return [seed * 100_003 + i for i in range(count)]
+
+
+@torch.no_grad()
+def record_calibration(
+    model: torch.nn.Module,
+    y: torch.Tensor,
+    mask: torch.Tensor | None,
+    null_y: torch.Tensor,
+    latent_shape: Sequence[int],
+    extra_kwargs: Callable[[int], dict] | dict | None,
+    seeds: Sequence[int],
+    sampler_config: SamplerConfig,
+    video_size: tuple[int, int, int] | None = None,
+    steps: Sequence[int] | None = None,
+    batch_size: int = 16,
+    progress: bool = False,
+) -> CalibrationSet:
+    """Calibration set of encoded prompts: the FP sampler runs once per batch of ``batch_size``
+    prompts, and a :class:`StepRecorder` keeps the model call of every requested step.
+
+    ``y`` (N, 1, L, C_cap) and ``mask`` (N, L) are the encoded prompts, ``null_y`` (L, C_cap) the
+    null caption of guidance (the model's ``y_embedder.y_embedding``); ``latent_shape`` is the
+    (C, T, H, W) of the sampled latents, each prompt's noise drawn from its seed in ``seeds``.
+    ``extra_kwargs`` (e.g. fps, pixel height and width) go to the model; a callable receives the
+    batch size. ``video_size`` (num_frames, height, width) in pixels drives the timestep shift.
+    Inputs move to the model's device; the recording is kept on CPU.
+    """
+    if len(y) != len(seeds):
+        raise ConfigError(f"got {len(y)} encoded prompts but {len(seeds)} seeds; give one seed per prompt")
+    if len(y) == 0:
+        raise ConfigError("no calibration prompts to sample")
+    if steps is not None and max(steps) >= sampler_config.num_steps:
+        raise ConfigError(
+            f"calibration steps {sorted(steps)} exceed the sampler's {sampler_config.num_steps} steps"
+        )
+    parameter = next(iter(model.parameters()), None)
+    device = parameter.device if parameter is not None else torch.device("cpu")
+    frames, height, width = video_size if video_size is not None else (None, None, None)
+    sampler = RFlowSampler(sampler_config)
+    recorder = StepRecorder(steps)
+    for start in range(0, len(y), batch_size):
+        chunk = slice(start, start + batch_size)
+        y_b = y[chunk].to(device)
+        mask_b = None if mask is None else mask[chunk].to(device)
+        count = len(y_b)
+        noise = seeded_noise(seeds[chunk], tuple(latent_shape), device=device)
+        null = null_y.to(device)[None, None].expand(count, 1, *null_y.shape)
+        extra = extra_kwargs(count) if callable(extra_kwargs) else dict(extra_kwargs or {})
+        extra = {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in extra.items()}
+        sampler.sample(model, noise, y_b, null, mask=mask_b, extra_kwargs=extra, height=height, width=width,
+                       num_frames=frames, callback=recorder, progress=progress)
+    return recorder.calibration_set()
+
+
 def record_toy_calibration(
     model: torch.nn.Module, num_prompts: int, seed: int = 0, steps: Sequence[int] | None = None,
     batch_size: int = 8, progress: bool = False,
 ) -> CalibrationSet:
     """Calibration set of the toy world: ``num_prompts`` training captions, one FP sampling pass."""
-    from tfmq_video.toy.data import train_captions
-    from tfmq_video.toy.world import TOY_SAMPLER_CONFIG, generate_latents
+    from tfmq_video.toy.data import FRAME_SIZE, NUM_FRAMES, train_captions
+    from tfmq_video.toy.world import TOY_SAMPLER_CONFIG, VIDEO_SHAPE, model_kwargs, toy_text_encoder
 
     captions = [c.text for c in train_captions()]
     generator = torch.Generator().manual_seed(seed)
@@ -112,8 +172,21 @@ def record_toy_calibration(
         raise ConfigError(
             f"calibration steps {sorted(steps)} exceed the toy sampler's {TOY_SAMPLER_CONFIG.num_steps} steps"
         )
-    recorder = StepRecorder(steps)
-    seeds = [seed * 100_003 + i for i in range(len(chosen))]
-    generate_latents(model, model.y_embedder.y_embedding, chosen, seeds, batch_size=batch_size, callback=recorder,
-                     progress=progress)
-    return recorder.calibration_set()
+    y, mask = toy_text_encoder().encode(chosen)
+    return record_calibration(
+        model, y, mask, model.y_embedder.y_embedding, VIDEO_SHAPE, model_kwargs, calibration_seeds(seed, len(chosen)),
+        TOY_SAMPLER_CONFIG, video_size=(NUM_FRAMES, FRAME_SIZE, FRAME_SIZE), steps=steps, batch_size=batch_size,
+        progress=progress,
+    )
+
+
+def record_recipe_calibration(model: torch.nn.Module, calibration: CalibrationConfig, progress: bool = False
+                              ) -> CalibrationSet:
+    """The calibration set a recipe's ``calibration`` section asks for: the toy prompts, or a
+    prompts file encoded by its text encoder (:func:`tfmq_video.calib.prompts.record_prompt_calibration`)."""
+    cal = calibration
+    if cal.prompts_file is None:
+        return record_toy_calibration(model, cal.num_prompts, cal.seed, cal.steps, cal.batch_size, progress)
+    from tfmq_video.calib.prompts import record_prompt_calibration
+
+    return record_prompt_calibration(model, cal, progress)

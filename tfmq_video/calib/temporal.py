@@ -9,7 +9,7 @@ from torch import nn
 
 from tfmq_video.calib.cache import TemporalFeatureCache
 from tfmq_video.calib.selection import describe_choices, select_strategies
-from tfmq_video.calib.tiar import run_tiar
+from tfmq_video.calib.tiar import reconstruct_tib
 from tfmq_video.calib.tib import TemporalInformationBlock, feature_errors, mean_error
 from tfmq_video.quant.config import RecipeConfig
 from tfmq_video.quant.model import QuantizedModel
@@ -36,14 +36,20 @@ def build_cache(qmodel: QuantizedModel, tib: TemporalInformationBlock, fp_featur
 def maintain_temporal_features(
     qmodel: QuantizedModel, fp_model: nn.Module, tib: TemporalInformationBlock, recipe: RecipeConfig,
 ) -> dict[str, Any]:
-    """Calibrate the TIB per ``recipe.tib``; install the cache when used. Returns a report with
-    per-step errors of each strategy (``initial``, ``tib``, ``cache``, ``final``) and the choices."""
+    """Calibrate the TIB per ``recipe.tib`` (TIAR, or layer-wise reconstruction for the Q-Diffusion
+    baseline); install the cache when used. Returns a report with per-step errors of each strategy
+    (``initial``, ``tib``, ``cache``, ``final``), the choices and ``tib_reconstruction`` (per unit
+    losses, errors and seconds) when the TIB was reconstructed."""
     cfg = recipe.tib
     report: dict[str, Any] = {"initial": _as_lists(_errors(qmodel, fp_model, tib))}
     tib_layers = [layer for _, layer in qmodel.weight_layers("tib")]
-    if cfg.tiar and tib_layers:
-        losses = run_tiar(qmodel, fp_model, tib, cfg, recipe.progress)
-        report["tiar_loss"] = [losses[0], losses[-1]] if losses else []
+    if (cfg.tiar or cfg.layerwise_reconstruction) and tib_layers:
+        objective = "temporal_features" if cfg.tiar else "layer_outputs"
+        reconstruction = reconstruct_tib(qmodel, fp_model, tib, cfg, objective, recipe.progress)
+        report["tib_reconstruction"] = reconstruction
+        if cfg.tiar:
+            tiar = reconstruction["units"]["TIAR"]
+            report["tiar_loss"] = [tiar["first_loss"], tiar["last_loss"]] if tiar["first_loss"] is not None else []
     for layer in tib_layers:
         if layer.weight_quant is not None and not bool(layer.weight_quant.frozen):
             layer.weight_quant.freeze(layer.weight)

@@ -6,12 +6,18 @@ Folder layout (format version 1)::
                                   scheme, full-precision tensor names, SHA-256 and size per file
     quantized.safetensors         per quantized layer ``<name>.<tensor>``:
                                     weight_packed (uint8, W4: see tfmq_video.export.packing) or
-                                    weight_codes (int8, 5-8 bits), weight_scale / weight_zero_point
+                                    weight_codes (int8, 5-8 bits; uint8 for unsigned 8-bit codes),
+                                    weight_scale / weight_zero_point
                                     (float32, (out, 1) per channel or (out, in / group) per group),
                                     bias (float32), act_scale / act_zero_point (float32: () static,
                                     (num_steps,) per timestep; absent for dynamic per-token)
     full_precision.safetensors    every other tensor of the model (kept in full precision)
     temporal_cache.safetensors    optional: timesteps, t (T, C), t_mlp (T, 6C) at one fps
+
+A quantized patchify conv (stride == kernel size, no padding, dilation 1, one group) is stored as
+the Linear over its flattened patches: codes (out, in * prod(kernel)) in ``weight.reshape(out, -1)``
+order, its layer entry adding ``conv`` (the original weight shape and kernel size); see
+tfmq_video.runtime.conv. Other convolutions are refused at export (keep them in full precision).
 
 Loading checks the version, every hash and every name and shape before building anything.
 """
@@ -20,6 +26,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -32,7 +39,9 @@ from torch import nn
 from tfmq_video.checkpoint import atomic_folder
 from tfmq_video.errors import CheckpointError, ConfigError
 from tfmq_video.export.packing import packed_columns, unpack_int4
+from tfmq_video.quant.affine import code_dtype
 from tfmq_video.quant.records import ActivationRecord, QuantizedLinearRecord
+from tfmq_video.runtime.conv import CONV_TYPES, QuantPatchConv, patchify_problem
 from tfmq_video.runtime.convert import TemporalFeatureCache, build_runtime_model
 from tfmq_video.runtime.linear import QuantLinear
 
@@ -88,21 +97,52 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
+def _weight_storage(layer: QuantLinear) -> str:
+    if layer.weight_grid.bits == 4:
+        return "int4_packed"
+    return "uint8" if code_dtype(layer.weight_grid) == torch.uint8 else "int8"
+
+
 def _layer_entry(layer: QuantLinear) -> dict:
     act = layer.activation
-    return {
+    entry = {
         "in_features": layer.in_features,
         "out_features": layer.out_features,
         "weight_bits": layer.weight_grid.bits,
         "weight_signed": layer.weight_grid.signed,
         "group_size": layer.group_size,
-        "weight_storage": "int4_packed" if layer.weight_grid.bits == 4 else "int8",
+        "weight_storage": _weight_storage(layer),
         "has_bias": layer.bias is not None,
         "activation": {
             "mode": act.mode, "bits": act.bits, "signed": act.signed,
             "num_steps": None if layer.act_scale is None or layer.act_scale.dim() == 0 else int(layer.act_scale.shape[0]),
         },
     }
+    if isinstance(layer, QuantPatchConv):  # absent for Linear layers
+        entry["conv"] = {"weight_shape": list(layer.original_shape), "kernel_size": list(layer.kernel_size)}
+    return entry
+
+
+def _conv_problems(model: nn.Module, records: Sequence[QuantizedLinearRecord]) -> list[str]:
+    """Why conv records cannot be exported (non-patchify geometry, shape mismatch), one line each."""
+    problems = []
+    for record in records:
+        if record.original_shape is None:
+            continue
+        try:
+            module = model.get_submodule(record.name)
+        except AttributeError:
+            problems.append(f"{record.name}: no such module in the model")
+            continue
+        weight = getattr(module, "weight", None)
+        if weight is None or tuple(weight.shape) != tuple(record.original_shape):
+            problems.append(
+                f"{record.name}: record of a conv weight {tuple(record.original_shape)}, but the model's module is "
+                f"{type(module).__name__} {None if weight is None else tuple(weight.shape)}"
+            )
+        elif (problem := patchify_problem(module)) is not None:
+            problems.append(f"{record.name}: {problem}")
+    return problems
 
 
 def bf16_bytes(layer: QuantLinear) -> int:
@@ -125,10 +165,17 @@ def save_quantized(
     names = [r.name for r in records]
     if len(set(names)) != len(names):
         raise ConfigError("records name some layers more than once")
-    conv = [r.name for r in records if r.original_shape is not None]
-    if conv:
-        raise ConfigError(f"format v{FORMAT_VERSION} exports Linear layers only; got conv records {conv[:5]}")
-    layers = {r.name: QuantLinear(r, backend="reference") for r in records}
+    conv_problems = _conv_problems(model, records)
+    if conv_problems:
+        raise ConfigError(
+            f"format v{FORMAT_VERSION} exports quantized convs only as patchify convs (stride == kernel size, "
+            "no padding, dilation 1, groups 1); these cannot be exported:\n  " + "\n  ".join(conv_problems)
+            + "\nkeep them in full precision: add their names to the recipe's quant.keep_fp patterns "
+            "(or leave them out of the RTN include patterns) and quantize again"
+        )
+    layers = {
+        r.name: (QuantLinear if r.original_shape is None else QuantPatchConv)(r, backend="reference") for r in records
+    }
     quantized = {f"{name}.{key}": t for name, layer in layers.items() for key, t in layer.state_dict().items()}
     skip = {f"{name}.{p}" for name in names for p in ("weight", "bias")}
     fp_state = {k: v for k, v in model.state_dict().items() if k not in skip}
@@ -219,7 +266,7 @@ def _expected_layer_tensors(entry: dict) -> dict[str, tuple[tuple[int, ...], tor
     if entry["weight_storage"] == "int4_packed":
         expected["weight_packed"] = ((out_f, packed_columns(in_f)), torch.uint8)
     else:
-        expected["weight_codes"] = ((out_f, in_f), torch.int8)
+        expected["weight_codes"] = ((out_f, in_f), torch.uint8 if entry["weight_storage"] == "uint8" else torch.int8)
     if entry["has_bias"]:
         expected["bias"] = ((out_f,), torch.float32)
     act = entry["activation"]
@@ -228,6 +275,24 @@ def _expected_layer_tensors(entry: dict) -> dict[str, tuple[tuple[int, ...], tor
         expected["act_scale"] = (shape, torch.float32)
         expected["act_zero_point"] = (shape, torch.float32)
     return expected
+
+
+def _layer_fit_problems(name: str, entry: dict, module: nn.Module) -> list[str]:
+    """Whether a manifest layer entry fits the built model's module (Linear, or patchify conv)."""
+    conv = entry.get("conv")
+    if conv is None:
+        if not isinstance(module, nn.Linear) or (module.out_features, module.in_features) != (
+            entry["out_features"], entry["in_features"]
+        ):
+            return [f"layer {name}: manifest {entry['out_features']}x{entry['in_features']} does not fit {module}"]
+        return []
+    shape = tuple(conv.get("weight_shape") or ())
+    if not isinstance(module, CONV_TYPES) or tuple(module.weight.shape) != shape:
+        return [f"layer {name}: manifest conv weight {shape} does not fit {module}"]
+    if (entry["out_features"], entry["in_features"]) != (shape[0], math.prod(shape[1:])):
+        return [f"layer {name}: manifest {entry['out_features']}x{entry['in_features']} is not conv {shape} flattened"]
+    problem = patchify_problem(module)
+    return [] if problem is None else [f"layer {name}: not a patchify conv ({problem})"]
 
 
 def _check_tensors(manifest: dict, quantized: dict, fp_state: dict, model: nn.Module, source: Path) -> None:
@@ -240,10 +305,10 @@ def _check_tensors(manifest: dict, quantized: dict, fp_state: dict, model: nn.Mo
         except AttributeError:
             problems.append(f"layer {name}: not in the model")
             continue
-        if not isinstance(module, nn.Linear) or (module.out_features, module.in_features) != (
-            entry["out_features"], entry["in_features"]
-        ):
-            problems.append(f"layer {name}: manifest {entry['out_features']}x{entry['in_features']} does not fit {module}")
+        problems += _layer_fit_problems(name, entry, module)
+        if entry.get("weight_storage") not in ("int4_packed", "int8", "uint8"):
+            problems.append(f"layer {name}: unknown weight storage {entry.get('weight_storage')!r}")
+            continue
         expected_q.update({f"{name}.{k}": v for k, v in _expected_layer_tensors(entry).items()})
     for key, (shape, dtype) in expected_q.items():
         tensor = quantized.get(key)
@@ -279,6 +344,7 @@ def _record(name: str, entry: dict, tensors: dict[str, torch.Tensor]) -> Quantiz
         weight_bits=entry["weight_bits"], weight_signed=entry["weight_signed"], group_size=entry["group_size"],
         bias=t.get("bias"),
         activation=ActivationRecord(act["mode"], act["bits"], act["signed"], t.get("act_scale"), t.get("act_zero_point")),
+        original_shape=None if entry.get("conv") is None else tuple(entry["conv"]["weight_shape"]),
     )
 
 

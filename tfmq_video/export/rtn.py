@@ -1,4 +1,4 @@
-"""Round-to-nearest (min-max) quantization of Linear layers into export records.
+"""Round-to-nearest (min-max) quantization of Linear (and Conv) layers into export records.
 
 A calibration-free stand-in for the calibration core: it produces the same
 :class:`~tfmq_video.quant.records.QuantizedLinearRecord` hand-off, so tests and benchmarks
@@ -15,8 +15,9 @@ import torch
 from torch import nn
 
 from tfmq_video.errors import ConfigError
-from tfmq_video.quant.affine import IntRange, minmax_qparams, quantize
+from tfmq_video.quant.affine import IntRange, code_dtype, minmax_qparams, quantize
 from tfmq_video.quant.records import ActivationRecord, QuantizedLinearRecord
+from tfmq_video.runtime.conv import CONV_TYPES
 
 # The temporal information block and the embedders stay in full precision (as ViDiT-Q does);
 # every Linear of the transformer blocks is quantized.
@@ -51,11 +52,15 @@ def weight_qparams(weight: torch.Tensor, grid: IntRange, group_size: int | None)
 def rtn_linear_record(
     name: str, linear: nn.Linear, config: RTNConfig, activation: ActivationRecord | None = None
 ) -> QuantizedLinearRecord:
-    """Quantize one Linear's weight by rounding to nearest on min-max parameters."""
+    """Quantize one Linear's weight by rounding to nearest on min-max parameters.
+
+    A Conv is quantized as its weight flattened to (out, in * prod(kernel)), with ``original_shape``
+    set (export accepts patchify convs only: see :mod:`tfmq_video.runtime.conv`).
+    """
     grid = IntRange(config.weight_bits, config.weight_signed)
-    if grid.qmax > 127:
-        raise ConfigError(f"{name}: unsigned {grid.bits}-bit codes do not fit int8; use signed weights")
+    conv = isinstance(linear, CONV_TYPES)
     weight = linear.weight.detach().float()
+    weight = weight.reshape(weight.shape[0], -1) if conv else weight
     scale, zero_point = weight_qparams(weight, grid, config.group_size)
     if config.group_size is None:
         codes = quantize(weight, scale, zero_point, grid)
@@ -67,9 +72,9 @@ def rtn_linear_record(
         activation = ActivationRecord(mode=config.activation_mode, bits=config.activation_bits)  # type: ignore[arg-type]
     bias = None if linear.bias is None else linear.bias.detach().float().clone()
     return QuantizedLinearRecord(
-        name=name, weight_codes=codes.to(torch.int8), weight_scale=scale.float(), weight_zero_point=zero_point.float(),
+        name=name, weight_codes=codes.to(code_dtype(grid)), weight_scale=scale.float(), weight_zero_point=zero_point.float(),
         weight_bits=config.weight_bits, weight_signed=config.weight_signed, group_size=config.group_size,
-        bias=bias, activation=activation,
+        bias=bias, activation=activation, original_shape=tuple(linear.weight.shape) if conv else None,
     )
 
 
@@ -79,11 +84,13 @@ def matches(name: str, patterns: Sequence[str]) -> bool:
 
 
 def rtn_records(model: nn.Module, config: RTNConfig) -> list[QuantizedLinearRecord]:
-    """Records for every Linear of ``model`` selected by ``config.include`` minus ``config.exclude``."""
+    """Records for every Linear and Conv of ``model`` selected by ``config.include`` minus ``config.exclude``."""
     records = [
         rtn_linear_record(name, module, config)
         for name, module in model.named_modules()
-        if isinstance(module, nn.Linear) and matches(name, config.include) and not matches(name, config.exclude)
+        if isinstance(module, (nn.Linear, *CONV_TYPES))
+        and matches(name, config.include)
+        and not matches(name, config.exclude)
     ]
     if not records:
         raise ConfigError(f"no Linear layer matches include={config.include} exclude={config.exclude}")

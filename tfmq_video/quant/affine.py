@@ -39,6 +39,16 @@ class IntRange:
         return 2 ** (self.bits - 1) - 1 if self.signed else 2**self.bits - 1
 
 
+def int8_offset(grid: IntRange) -> int:
+    """Shift that moves a grid's codes into int8: 128 for unsigned 8-bit codes, else 0."""
+    return 128 if (not grid.signed and grid.bits == 8) else 0
+
+
+def code_dtype(grid: IntRange) -> torch.dtype:
+    """Storage dtype of unpacked integer codes: uint8 for unsigned 8-bit codes (0..255), else int8."""
+    return torch.uint8 if int8_offset(grid) else torch.int8
+
+
 def round_ste(x: torch.Tensor) -> torch.Tensor:
     """Round to nearest with a straight-through gradient."""
     return (x.round() - x).detach() + x

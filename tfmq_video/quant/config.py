@@ -84,7 +84,10 @@ class TIBConfig(_Section):
     the weight/activation settings, plus: ``tiar`` (optimize against the temporal features),
     ``fsc`` (per-timestep activation parameters), ``cache`` (precomputed quantized features)
     and ``select`` (per feature and timestep, keep whichever of the quantized TIB and the cache
-    has the lower error; needs ``cache``).
+    has the lower error; needs ``cache``). ``layerwise_reconstruction`` (the Q-Diffusion/BRECQ
+    treatment of layers outside the blocks, an alternative to ``tiar``): every TIB layer is
+    reconstructed on its own against its FP output over the calibrated timesteps. Both use
+    ``iterations``, ``lr_rounding``, ``lr_scale`` and ``rounding_weight`` (per layer when layer-wise).
     """
 
     keep_fp: bool = False
@@ -92,6 +95,7 @@ class TIBConfig(_Section):
     fsc: bool = True
     cache: bool = True
     select: bool = True
+    layerwise_reconstruction: bool = False
     cache_bits: int | None = None  # default: the activation bits
     iterations: int = Field(1500, ge=0)
     lr_rounding: float = Field(5e-2, gt=0)
@@ -102,6 +106,12 @@ class TIBConfig(_Section):
     def _consistent(self) -> TIBConfig:
         if self.select and not self.cache:
             raise ValueError("tib.select needs tib.cache: selection chooses between the quantized TIB and the cache")
+        if self.layerwise_reconstruction and self.tiar:
+            raise ValueError("tib.layerwise_reconstruction and tib.tiar are alternative objectives for the TIB "
+                             "(its layers' own outputs vs the joint temporal features): enable one")
+        if self.layerwise_reconstruction and self.keep_fp:
+            raise ValueError("tib.layerwise_reconstruction needs a quantized TIB: tib.keep_fp leaves it in full "
+                             "precision")
         if self.cache_bits is not None:
             _check_bits(self.cache_bits)
         return self
@@ -122,14 +132,84 @@ class ReconstructionConfig(_Section):
     beta_end: float = Field(2.0, gt=0)
 
 
+class TextEncoderConfig(_Section):
+    """The caption encoder of a prompts file: ``kind`` (``t5``), ``path`` (a local Hugging Face
+    folder holding the encoder and its tokenizer; never downloaded) and ``max_length`` (tokens per
+    caption, padded and truncated; must equal the model's ``model_max_length``)."""
+
+    kind: Literal["t5"] = "t5"
+    path: str = Field(min_length=1)
+    max_length: int = Field(300, ge=1)
+
+
+class VideoConfig(_Section):
+    """Pixel size of the calibration videos (``num_frames``, ``height``, ``width``, ``fps``) and the
+    VAE compression that maps it to the latent the sampler starts from. Defaults: Open-Sora 1.2
+    (240p 9:16, 51 frames = 2 s at 24 fps; its VAE: 4 channels, 8x spatial, 4x temporal applied
+    per ``micro_frame_size`` chunk of 17 frames). See :meth:`latent_shape`."""
+
+    num_frames: int = Field(51, ge=1)
+    height: int = Field(240, ge=1)
+    width: int = Field(426, ge=1)
+    fps: float = Field(24.0, gt=0)
+    latent_channels: int = Field(4, ge=1)
+    spatial_compression: int = Field(8, ge=1)
+    temporal_compression: int = Field(4, ge=1)
+    micro_frame_size: int | None = Field(17, ge=1)  # null: the whole clip is one chunk
+
+    @model_validator(mode="after")
+    def _fits(self) -> VideoConfig:
+        for name in ("height", "width"):
+            if getattr(self, name) < self.spatial_compression:
+                raise ValueError(f"{name} {getattr(self, name)} is smaller than the VAE's spatial compression "
+                                 f"{self.spatial_compression}: use at least {self.spatial_compression} pixels")
+        return self
+
+    def latent_frames(self) -> int:
+        """Latent frames of ``num_frames`` video frames, as Open-Sora 1.2's VAE computes them
+        (``VideoAutoencoderPipeline.get_latent_size`` + ``VAE_Temporal.get_latent_size``): every full
+        chunk of ``m = micro_frame_size`` frames gives ``ceil(m / f)`` latent frames, the remainder
+        ``ceil((T % m) / f)``, with ``f = temporal_compression`` (17 -> 5, 51 -> 15, 102 -> 30)."""
+        f, frames = self.temporal_compression, self.num_frames
+        m = self.micro_frame_size
+        if m is None:
+            return -(-frames // f)
+        return (frames // m) * -(-m // f) + -(-(frames % m) // f)
+
+    def latent_shape(self) -> tuple[int, int, int, int]:
+        """``(C, T, H, W)`` of the latent video: spatial sizes are floored as upstream (426 -> 53)."""
+        s = self.spatial_compression
+        return (self.latent_channels, self.latent_frames(), self.height // s, self.width // s)
+
+
+class SamplerSettings(_Section):
+    """Rectified-flow sampler of the calibration pass (defaults: Open-Sora 1.2, 30 steps, CFG 7,
+    resolution-dependent timestep shift; ``fixed_shift`` replaces the shift ratio)."""
+
+    num_steps: int = Field(30, ge=1)
+    guidance_scale: float = Field(7.0, gt=0)
+    use_timestep_transform: bool = True
+    fixed_shift: float | None = Field(None, gt=0)
+
+
 class CalibrationConfig(_Section):
-    """Calibration data: the toy prompts (``num_prompts`` training captions), seeds, sampler steps."""
+    """Calibration data: prompts, seeds, sampler steps.
+
+    Prompt source: the toy world's training captions (default; ``num_prompts`` of them, with the
+    toy encoder, video size and sampler), or ``prompts_file`` (UTF-8, one caption per line, blank
+    lines and ``#`` lines ignored; all captions, or the first ``num_prompts`` when it is set)
+    encoded by ``text_encoder`` and sampled at ``video`` size with ``sampler``.
+    """
 
     num_prompts: int = Field(8, ge=1)
     seed: int = 0
     steps: tuple[int, ...] | None = None  # None = every sampler step
     max_rows: int | None = Field(192, ge=1)  # cap on recorded model-input rows kept for reconstruction
     batch_size: int = Field(16, ge=1)
+    prompts_file: str | None = None  # None = the toy prompts
+    text_encoder: TextEncoderConfig | None = None
+    video: VideoConfig | None = None  # default with a prompts file: VideoConfig()
+    sampler: SamplerSettings | None = None  # default with a prompts file: SamplerSettings()
 
     @field_validator("steps")
     @classmethod
@@ -140,9 +220,37 @@ class CalibrationConfig(_Section):
             raise ValueError("calibration.steps must be non-negative step indices")
         return value
 
+    @model_validator(mode="after")
+    def _prompt_source(self) -> CalibrationConfig:
+        if self.prompts_file is None:
+            extra = [name for name in ("text_encoder", "video", "sampler") if getattr(self, name) is not None]
+            if extra:
+                raise ValueError(f"calibration.{', calibration.'.join(extra)} only apply to a prompts file: set "
+                                 "calibration.prompts_file, or remove them to use the toy prompts")
+            return self
+        if not self.prompts_file.strip():
+            raise ValueError("calibration.prompts_file is empty: give the path of a text file with one caption a line")
+        if self.text_encoder is None:
+            raise ValueError("calibration.prompts_file needs calibration.text_encoder (e.g. {kind: t5, path: "
+                             "/path/to/t5-v1_1-xxl}) to encode the captions")
+        num_steps = self.sampler_settings().num_steps
+        if self.steps is not None and max(self.steps) >= num_steps:
+            raise ValueError(f"calibration.steps {sorted(self.steps)} exceed the sampler's {num_steps} steps "
+                             f"(indices 0..{num_steps - 1})")
+        return self
+
+    def video_settings(self) -> VideoConfig:
+        """``video``, or the Open-Sora 1.2 defaults."""
+        return self.video or VideoConfig()
+
+    def sampler_settings(self) -> SamplerSettings:
+        """``sampler``, or the Open-Sora 1.2 defaults."""
+        return self.sampler or SamplerSettings()
+
 
 class ModelConfig(_Section):
-    """Which model: ``adapter`` name and ``path`` (a model folder, or ``toy`` for the bundled model)."""
+    """Which model: ``adapter`` name and ``path`` (a local model folder, e.g. Open-Sora 1.2's
+    ``OpenSora-STDiT-v3``, or ``toy`` for the bundled model)."""
 
     adapter: str = "opensora-stdit3"
     path: str = "toy"

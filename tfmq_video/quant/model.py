@@ -21,6 +21,7 @@ from torch import nn
 
 from dit_adapters.base import DiTAdapter, TemporalOverride
 from tfmq_video.errors import ConfigError
+from tfmq_video.quant.affine import code_dtype
 from tfmq_video.quant.config import RecipeConfig
 from tfmq_video.quant.modules import (
     CONV_TYPES,
@@ -218,7 +219,7 @@ def to_records(qmodel: QuantizedModel) -> tuple[list[QuantizedLinearRecord], dic
         if wq is None:
             continue
         out_features = layer.weight.shape[0]
-        codes = wq.integer_codes(layer.weight).reshape(out_features, -1).to(torch.int8)
+        codes = wq.integer_codes(layer.weight).reshape(out_features, -1).to(code_dtype(wq.grid))
         records.append(QuantizedLinearRecord(
             name=name,
             weight_codes=codes,

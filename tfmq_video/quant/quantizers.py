@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from tfmq_video.errors import ConfigError
-from tfmq_video.quant.affine import IntRange, fake_quantize, minmax_qparams, quantize
+from tfmq_video.quant.affine import IntRange, code_dtype, fake_quantize, minmax_qparams, quantize
 from tfmq_video.quant.context import TimestepContext
 
 InitMethod = Literal["minmax", "percentile", "mse"]
@@ -143,7 +143,7 @@ class WeightQuantizer(nn.Module):
         n_rows = weight_rows(torch.empty(self.weight_shape, device="meta"), spec.group_size).shape[0]
         self.scale = nn.Parameter(torch.ones(n_rows, 1), requires_grad=False)
         self.register_buffer("zero_point", torch.zeros(n_rows, 1))
-        self.register_buffer("codes", torch.zeros(self.weight_shape, dtype=torch.int8))
+        self.register_buffer("codes", torch.zeros(self.weight_shape, dtype=code_dtype(self.grid)))
         self.register_buffer("frozen", torch.zeros((), dtype=torch.bool))
         self.alpha: nn.Parameter | None = None
 
@@ -189,7 +189,7 @@ class WeightQuantizer(nn.Module):
     def freeze(self, weight: torch.Tensor) -> None:
         """Store the final integer codes and drop the rounding variable (inference mode)."""
         codes = self.integer_codes(weight)
-        self.codes.copy_(codes.to(torch.int8))
+        self.codes.copy_(codes.to(self.codes.dtype))
         self.frozen.fill_(True)
         self.alpha = None
         self.scale.requires_grad_(False)

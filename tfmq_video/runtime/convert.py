@@ -8,7 +8,7 @@ embedding).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -19,6 +19,7 @@ from tfmq_video.quant.context import TimestepContext
 from tfmq_video.quant.records import QuantizedLinearRecord
 from tfmq_video.runtime.attention import install_attention
 from tfmq_video.runtime.backends import cpu_compile_enabled, warn_once
+from tfmq_video.runtime.conv import CONV_TYPES, QuantPatchConv, patchify_problem
 from tfmq_video.runtime.linear import QuantLinear
 
 
@@ -53,7 +54,8 @@ def submodule_parent(model: nn.Module, name: str) -> tuple[nn.Module, str]:
 def replace_linears(
     model: nn.Module, records: Sequence[QuantizedLinearRecord], context: TimestepContext | None, backend: str
 ) -> list[QuantLinear]:
-    """Swap each recorded ``nn.Linear`` for a :class:`QuantLinear` (shapes checked first)."""
+    """Swap each recorded ``nn.Linear`` for a :class:`QuantLinear`, each patchify conv (a record with
+    ``original_shape``) for a :class:`~tfmq_video.runtime.conv.QuantPatchConv` (shapes checked first)."""
     problems = []
     for record in records:
         try:
@@ -61,7 +63,14 @@ def replace_linears(
         except AttributeError:
             problems.append(f"{record.name}: no such module")
             continue
-        if not isinstance(module, nn.Linear):
+        if record.original_shape is not None:
+            if not isinstance(module, CONV_TYPES):
+                problems.append(f"{record.name}: a conv record, but the module is a {type(module).__name__}")
+            elif tuple(module.weight.shape) != tuple(record.original_shape):
+                problems.append(f"{record.name}: conv codes of {tuple(record.original_shape)} vs {tuple(module.weight.shape)}")
+            elif (problem := patchify_problem(module)) is not None:
+                problems.append(f"{record.name}: not a patchify conv ({problem})")
+        elif not isinstance(module, nn.Linear):
             problems.append(f"{record.name}: is a {type(module).__name__}, not a Linear")
         elif tuple(record.weight_codes.shape) != (module.out_features, module.in_features):
             problems.append(
@@ -73,7 +82,11 @@ def replace_linears(
     layers = []
     for record in records:
         parent, child = submodule_parent(model, record.name)
-        layer = QuantLinear(record, context=context, backend=backend)
+        if record.original_shape is None:
+            layer = QuantLinear(record, context=context, backend=backend)
+        else:
+            dtype = getattr(parent, child).weight.dtype
+            layer = QuantPatchConv(record, context=context, backend=backend, dtype=dtype)
         setattr(parent, child, layer)
         layers.append(layer)
     return layers
@@ -92,37 +105,70 @@ def install_timestep_hook(model: nn.Module, context: TimestepContext) -> None:
 
 
 def install_temporal_cache(model: nn.Module, cache: TemporalFeatureCache, context: TimestepContext) -> None:
-    """Serve ``model.time_embedding`` from ``cache`` (computing it when fps differs from the cache's)."""
+    """Serve ``model.time_embedding`` from ``cache`` (computing it when fps differs from the cache's).
+
+    The row is selected with the context's index tensor from a copy of the tables kept on the
+    model's device and dtype (made once), not with a Python int.
+    """
     compute = model.time_embedding
+    tables: dict[tuple[torch.device, torch.dtype], tuple[torch.Tensor, torch.Tensor]] = {}
 
     def cached(timestep: torch.Tensor, fps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         fps_values = fps.reshape(-1).float()
         if not bool(torch.all((fps_values - cache.fps).abs() < 1e-6)):
             warn_once(f"fps {fps_values.tolist()} differs from the temporal cache's {cache.fps}; computing the time embedding")
             return compute(timestep, fps)
-        index = context.set_timestep(timestep)
+        context.set_timestep(timestep)
         batch = timestep.shape[0]
         dtype = model.t_block[1].weight.dtype if hasattr(model, "t_block") else torch.float32
-        t = cache.t[index].to(timestep.device, dtype).expand(batch, -1)
-        t_mlp = cache.t_mlp[index].to(timestep.device, dtype).expand(batch, -1)
-        return t, t_mlp
+        key = (timestep.device, dtype)
+        if key not in tables:
+            tables[key] = (cache.t.to(timestep.device, dtype), cache.t_mlp.to(timestep.device, dtype))
+        t_table, t_mlp_table = tables[key]
+        index = context.index_tensor.to(timestep.device).reshape(1)
+        t = t_table.index_select(0, index).expand(batch, -1)
+        return t, t_mlp_table.index_select(0, index).expand(batch, -1)
 
     object.__setattr__(model, "time_embedding", cached)
 
 
-def compile_blocks(model: nn.Module) -> int:
+def check_step_counts(
+    records: Sequence[QuantizedLinearRecord], cache: TemporalFeatureCache | None, num_steps: int
+) -> None:
+    """Per-timestep parameters and the temporal cache must cover every calibrated step.
+
+    Checked once here, so the forward (and a compiled graph) can select rows by an index tensor
+    without a per-call range check.
+    """
+    problems = [
+        f"{r.name}: {r.activation.scale.numel()} per-timestep activation scales"
+        for r in records
+        if r.activation.mode == "per_timestep"
+        and r.activation.scale is not None
+        and r.activation.scale.numel() < num_steps
+    ]
+    if cache is not None and len(cache.timesteps) < num_steps:
+        problems.append(f"temporal cache: {len(cache.timesteps)} timesteps")
+    if problems:
+        raise ConfigError(f"{num_steps} calibrated timesteps, but only:\n  " + "\n  ".join(problems))
+
+
+def compile_blocks(model: nn.Module, backend: str | Callable = "inductor") -> int:
     """``torch.compile`` every repeated block (a ModuleList entry) that holds a :class:`QuantLinear`.
 
     Inductor then fuses the activation quantization into the preceding LayerNorm + adaLN
     modulate (and GELU), and the dequantization epilogue into the following bias, gate and
-    residual add, around the ``torch._int_mm`` calls. Returns the number of compiled blocks.
+    residual add, around the ``torch._int_mm`` calls. Per-timestep parameters are read through
+    the context's index tensor, so one graph per block serves every sampling step. ``backend``
+    is the ``torch.compile`` backend (tests count graphs with a counting backend). Returns the
+    number of compiled blocks.
     """
     count = 0
     for module in model.modules():
         if isinstance(module, nn.ModuleList):
             for block in module:
                 if any(isinstance(m, QuantLinear) for m in block.modules()):
-                    block.compile(dynamic=True)
+                    block.compile(dynamic=True, backend=backend)
                     count += 1
     return count
 
@@ -150,6 +196,7 @@ def build_runtime_model(
         if calibrated_timesteps is None:
             raise ConfigError("per-timestep activation parameters need the calibrated timesteps")
         context = TimestepContext(calibrated_timesteps)
+        check_step_counts(records, temporal_cache, len(context))
     layers = replace_linears(model, records, context, backend)
     used = layers[0].backend if layers else "reference"
     install_attention(model, attention, used)

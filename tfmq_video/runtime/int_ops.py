@@ -138,6 +138,8 @@ _FAILED: set[Callable] = set()
 
 def fused(fn: Callable) -> Callable:
     """``fn`` compiled by Inductor (cached), or ``fn`` itself when compilation is disabled."""
+    if torch.compiler.is_compiling():  # inside a compiled block: the outer graph fuses it (and Dynamo
+        return fn  # must not read the caches below: it would guard on them and recompile when they grow)
     if not cpu_compile_enabled() or fn in _FAILED:
         return fn
     if fn not in _COMPILED:

@@ -16,44 +16,62 @@ from torch import nn
 from tfmq_video.errors import ConfigError
 from tfmq_video.export.packing import pack_int4, unpack_int4
 from tfmq_video.kernels.intmath import weight_correction
-from tfmq_video.quant.affine import IntRange, dequantize, minmax_qparams, quantize
+from tfmq_video.quant.affine import IntRange, code_dtype, dequantize, int8_offset, minmax_qparams, quantize
 from tfmq_video.quant.context import TimestepContext
 from tfmq_video.quant.records import ActivationRecord, QuantizedLinearRecord
 from tfmq_video.runtime import int_ops
 from tfmq_video.runtime.backends import resolve_backend, warn_once
 
 
-def int8_offset(grid: IntRange) -> int:
-    """Shift that moves a grid's codes into int8: 128 for unsigned 8-bit codes, else 0."""
-    return 128 if (not grid.signed and grid.bits == 8) else 0
+def stored_weight_codes(name: str, codes: torch.Tensor, grid: IntRange) -> torch.Tensor:
+    """A record's weight codes in their storage dtype (:func:`weight_code_dtype`), range-checked.
+
+    Records hold integer codes of any integer dtype. Unsigned 8-bit codes given as int8 (what
+    ``codes.to(torch.int8)`` makes of 128..255) are read as their uint8 bit pattern.
+    """
+    if codes.is_floating_point() or codes.is_complex() or codes.dtype == torch.bool:
+        raise ConfigError(f"{name}: weight codes must be an integer tensor, got {codes.dtype}")
+    dtype = code_dtype(grid)
+    if dtype == torch.uint8 and codes.dtype == torch.int8:
+        return codes.view(torch.uint8)
+    if codes.numel():
+        lo, hi = int(codes.min()), int(codes.max())
+        if lo < grid.qmin or hi > grid.qmax:
+            kind = "signed" if grid.signed else "unsigned"
+            raise ConfigError(
+                f"{name}: weight codes span [{lo}, {hi}], outside the {kind} {grid.bits}-bit range "
+                f"[{grid.qmin}, {grid.qmax}]"
+            )
+    return codes.to(dtype)
 
 
 class QuantLinear(nn.Module):
     """Integer-weight Linear with backends ``reference``, ``cpu`` and ``triton`` (see module docstring)."""
 
     def __init__(
-        self, record: QuantizedLinearRecord, context: TimestepContext | None = None, backend: str = "auto"
+        self,
+        record: QuantizedLinearRecord,
+        context: TimestepContext | None = None,
+        backend: str = "auto",
+        dtype: torch.dtype = torch.float32,
     ) -> None:
         super().__init__()
+        self.compute_dtype = dtype  # the dtype of ``weight``; follows model.to(dtype) like the FP parts
         codes = record.weight_codes
         if codes.dim() != 2:
             raise ConfigError(f"{record.name}: weight codes must be 2-D (out, in), got {tuple(codes.shape)}")
         self.name = record.name
-        if record.weight_bits == 8 and not record.weight_signed:
-            raise ConfigError(
-                f"{record.name}: unsigned 8-bit weight codes (0..255) do not fit the int8 codes of a record; "
-                "use signed (symmetric) 8-bit weights"
-            )
         self.out_features, self.in_features = codes.shape
         self.weight_grid = IntRange(record.weight_bits, record.weight_signed)
+        codes = stored_weight_codes(record.name, codes, self.weight_grid)
         self.group_size = record.group_size
         self.activation = ActivationRecord(record.activation.mode, record.activation.bits, record.activation.signed)
         self.act_grid = IntRange(record.activation.bits, record.activation.signed)
         self.original_shape = record.original_shape
         if record.weight_bits == 4:
             self.register_buffer("weight_packed", pack_int4(codes, record.weight_signed))
-        else:
-            self.register_buffer("weight_codes", codes.to(torch.int8).contiguous())
+        else:  # int8, or uint8 for unsigned 8-bit codes (0..255)
+            self.register_buffer("weight_codes", codes.contiguous())
         groups = 1 if record.group_size is None else self.in_features // record.group_size
         expected = (self.out_features, groups)
         for label, tensor in (("weight_scale", record.weight_scale), ("weight_zero_point", record.weight_zero_point)):
@@ -98,10 +116,18 @@ class QuantLinear(nn.Module):
 
     # ------------------------------------------------------------------ weights
     def codes(self) -> torch.Tensor:
-        """The int8 weight codes (out, in) (unpacked for W4)."""
+        """The weight codes (out, in): int8, uint8 for unsigned 8-bit (unpacked for W4)."""
         if self.weight_grid.bits == 4:
             return unpack_int4(self.weight_packed, self.in_features, self.weight_grid.signed)
         return self.weight_codes
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The dequantized weight in ``compute_dtype``, in the original layer's shape.
+
+        Models read it for its dtype (e.g. STDiT3's timestep embedder); the forward never uses it.
+        """
+        return self._float_weight(self.compute_dtype).reshape(self.original_shape or (self.out_features, -1))
 
     def dequantized_weight(self) -> torch.Tensor:
         """The float32 weight the codes represent, (out, in)."""
@@ -149,6 +175,7 @@ class QuantLinear(nn.Module):
         self._cache.clear()
         if self.backend in ("cpu", "triton") and self.activation.mode != "none":
             self._integer_weight()
+        self._prepare_activation()
 
     def _apply(self, fn, recurse=True):  # type: ignore[no-untyped-def]
         """Moves keep every buffer's dtype: ``model.to(torch.bfloat16)`` must not round the scales."""
@@ -157,21 +184,43 @@ class QuantLinear(nn.Module):
             out = fn(t)
             return out if out.dtype == t.dtype else out.to(t.dtype)
 
+        if hasattr(self, "compute_dtype"):
+            self.compute_dtype = fn(torch.empty(0, dtype=self.compute_dtype, device=self.weight_scale.device)).dtype
         result = super()._apply(keep_dtype, recurse)
         if hasattr(self, "_cache"):
             self._prepare()  # moved buffers invalidate prepared weights
         return result
 
     # ------------------------------------------------------------------ activations
+    def _prepare_activation(self) -> None:
+        """Decide the data-dependent branches of the static paths once, not per call (no graph break)."""
+        if self.act_zero_point is not None:
+            shifted = self.act_zero_point - int8_offset(self.act_grid)
+            self._cache["act_zero_shifted"] = bool((shifted != 0).any())
+
     def _static_params(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The calibrated per-tensor scale and zero point (0-d tensors) of the current step.
+
+        Per-timestep parameters are selected with the context's index *tensor*, so a compiled
+        graph reads the step as data: one graph serves every step (a Python int would be guarded
+        on and recompile the graph at every step).
+        """
         if self.activation.mode == "static":
             return self.act_scale, self.act_zero_point
         if self.context is None:
             raise ConfigError(f"{self.name}: per-timestep activation parameters need a TimestepContext")
-        index = self.context.index
-        if index >= self.act_scale.shape[0]:
-            raise ConfigError(f"{self.name}: step {index} but only {self.act_scale.shape[0]} calibrated steps")
-        return self.act_scale[index], self.act_zero_point[index]
+        index = self.context.index_tensor  # an error if no timestep was set
+        if not torch.compiler.is_compiling():  # eager range check: compiled code must not read the int
+            step = self.context.index
+            if step >= self.act_scale.shape[0]:
+                raise ConfigError(
+                    f"{self.name}: step {step} but only {self.act_scale.shape[0]} calibrated steps"
+                )
+        if index.device != self.act_scale.device:
+            index = index.to(self.act_scale.device)
+        index = index.reshape(1)
+        scale = self.act_scale.index_select(0, index).reshape(())
+        return scale, self.act_zero_point.index_select(0, index).reshape(())
 
     def fake_quantize_input(self, x: torch.Tensor) -> torch.Tensor:
         """The reference activation quantization (quantize then dequantize) in float32."""
@@ -195,8 +244,8 @@ class QuantLinear(nn.Module):
             return int_ops.fused(int_ops.quant_per_token_asymmetric)(x2d, float(grid.qmin), float(grid.qmax), float(offset))
         scale, zero = self._static_params()
         codes = int_ops.fused(int_ops.quant_static)(x2d, scale, zero, float(grid.qmin), float(grid.qmax), float(offset))
-        shifted = zero - offset
-        return codes, scale.reshape(1, 1), (shifted.reshape(1, 1) if bool(shifted != 0) else None)
+        shifted = (zero - offset).reshape(1, 1) if self._cache.get("act_zero_shifted", True) else None
+        return codes, scale.reshape(1, 1), shifted
 
     # ------------------------------------------------------------------ forward
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -214,6 +263,9 @@ class QuantLinear(nn.Module):
         return out.to(x.dtype).reshape(*shape, self.out_features)
 
     def _reference_weight(self) -> torch.Tensor:
+        if "reference" not in self._cache and torch.compiler.is_compiling():
+            # filling the cache inside a graph would make the next call recompile it
+            return self.dequantized_weight()
         if "reference" not in self._cache:
             self._cache["reference"] = self.dequantized_weight()
         return self._cache["reference"]  # type: ignore[return-value]

@@ -26,6 +26,10 @@ BACKGROUNDS: tuple[str, ...] = ("solid", "horizontal-gradient", "vertical-gradie
 NUM_FRAMES = 8
 FRAME_SIZE = 32
 SUPERSAMPLE = 4
+# Objects travel near the centre line of their axis: how far (px) the other coordinate may stray.
+CROSS_AXIS_JITTER = 4.0
+# Fading afterimages (a motion trail): (frames behind the object, opacity), drawn oldest first.
+TRAIL: tuple[tuple[int, float], ...] = ((2, 0.2), (1, 0.45))
 
 
 @dataclass(frozen=True)
@@ -90,7 +94,12 @@ def _muted_color(rng: np.random.Generator) -> tuple[int, int, int]:
 
 
 def random_spec(rng: np.random.Generator, caption: Caption) -> ClipSpec:
-    """Draw the nuisance variables of a clip with ``caption`` so the object stays in view."""
+    """Draw the nuisance variables of a clip with ``caption`` so the object stays in view.
+
+    The object starts on the side its direction leaves from and travels near the centre line of
+    its axis (within :data:`CROSS_AXIS_JITTER`), so the caption fixes the track's place; size,
+    speed, the exact start and the background vary.
+    """
     size = float(rng.uniform(10.0, 14.0))
     speed = float(rng.uniform(2.0, 3.0))
     travel = speed * (NUM_FRAMES - 1)
@@ -99,7 +108,8 @@ def random_spec(rng: np.random.Generator, caption: Caption) -> ClipSpec:
 
     def start_along(d: int) -> float:
         if d == 0:
-            return float(rng.uniform(margin, FRAME_SIZE - margin))
+            centre = FRAME_SIZE / 2
+            return float(rng.uniform(centre - CROSS_AXIS_JITTER, centre + CROSS_AXIS_JITTER))
         low, high = margin, FRAME_SIZE - margin - travel
         pos = float(rng.uniform(low, max(low, high)))
         return pos if d > 0 else FRAME_SIZE - pos
@@ -152,9 +162,12 @@ def render_clip(spec: ClipSpec) -> np.ndarray:
     dx, dy = DIRECTIONS[spec.caption.direction]
     frames = np.empty((NUM_FRAMES, FRAME_SIZE, FRAME_SIZE, 3), dtype=np.uint8)
     for i in range(NUM_FRAMES):
-        centre = (spec.start[0] + dx * spec.speed * i, spec.start[1] + dy * spec.speed * i)
-        alpha = _coverage(spec.caption.shape, centre, spec.size)[..., None]
-        frames[i] = np.clip(background * (1 - alpha) + color * alpha + 0.5, 0, 255).astype(np.uint8)
+        frame = background
+        for behind, opacity in (*TRAIL, (0, 1.0)):
+            centre = (spec.start[0] + dx * spec.speed * (i - behind), spec.start[1] + dy * spec.speed * (i - behind))
+            alpha = opacity * _coverage(spec.caption.shape, centre, spec.size)[..., None]
+            frame = frame * (1 - alpha) + color * alpha
+        frames[i] = np.clip(frame + 0.5, 0, 255).astype(np.uint8)
     return frames
 
 
