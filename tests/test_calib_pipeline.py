@@ -193,3 +193,26 @@ def test_records_hand_off_the_served_temporal_features(tfmq_model) -> None:
     with torch.no_grad():
         t, t_mlp = tfmq_model.model.time_embedding(tfmq_model.context.timesteps[1:2].float(), torch.tensor([8.0]))
     assert torch.allclose(t[0], cache["t"][1]) and torch.allclose(t_mlp[0], cache["t_mlp"][1])
+
+
+@pytest.mark.parametrize("group_size", [None, 16, 48])
+def test_cache_scales_per_channel_group_fit_outlier_channels(group_size: int | None) -> None:
+    from tfmq_video.calib.cache import TemporalFeatureCache
+    from tfmq_video.calib.tib import feature_errors
+    from tfmq_video.quant.quantizers import StepContext
+
+    generator = torch.Generator().manual_seed(0)
+    features = {"t_mlp": torch.randn(5, 64, generator=generator)}
+    features["t_mlp"][:, 3] *= 40  # one outlier channel, as adaLN shifts have
+    errors = {}
+    for size in (None, group_size):
+        cache = TemporalFeatureCache(StepContext([900.0, 700.0, 500.0, 300.0, 100.0]), {"t_mlp": 64}, {}, 8, size)
+        cache.fill(features)
+        groups = 1 if size is None or 64 % size else 64 // size
+        assert cache.t_mlp_scale.shape == (5, groups)
+        assert cache.lookup("t_mlp", 2).shape == (64,) and cache.lookup("t_mlp", torch.tensor([0, 4])).shape == (2, 64)
+        errors[size] = float(feature_errors(cache.all_features(), features)["t_mlp"].mean())
+    if group_size == 16:
+        assert errors[16] < errors[None] / 3
+    else:  # 48 does not divide 64: one group per step, the same cache as None
+        assert errors[group_size] == errors[None]

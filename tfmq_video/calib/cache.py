@@ -23,43 +23,60 @@ from tfmq_video.quant.quantizers import StepContext, search_qparams
 log = logging.getLogger(__name__)
 
 
+def _group_size(dim: int, group_size: int | None) -> int:
+    """``group_size`` when it divides ``dim``, else the whole feature (one group)."""
+    return group_size if group_size is not None and dim % group_size == 0 else dim
+
+
 class TemporalFeatureCache(nn.Module):
     """Quantized temporal features per calibrated step, with a per-step "use the cache" flag.
 
-    Buffers per feature ``f``: ``f_codes`` (S, dim) int8, ``f_scale``/``f_zero_point`` (S, 1),
-    ``f_use_cache`` (S,) bool; per condition ``c``: ``condition_c``.
+    Buffers per feature ``f``: ``f_codes`` (S, dim) int8, ``f_scale``/``f_zero_point`` (S, G) with
+    one scale per step and group of ``group_size`` channels (G = 1 when ``group_size`` is None or
+    does not divide the feature's width), ``f_use_cache`` (S,) bool; per condition ``c``: ``condition_c``.
+    Groups cost a few bytes per step and keep an outlier channel (e.g. one adaLN shift) from
+    coarsening the grid of a whole feature.
     """
 
     def __init__(self, context: StepContext, feature_dims: Mapping[str, int], conditions: Mapping[str, torch.Tensor],
-                 bits: int) -> None:
+                 bits: int, group_size: int | None = None) -> None:
         super().__init__()
         self.context = context
         self.grid = IntRange(bits, signed=True)
+        self.group_size = group_size
+        self.group_sizes = {name: _group_size(dim, group_size) for name, dim in feature_dims.items()}
         self.feature_names = tuple(feature_dims)
         self.condition_names = tuple(conditions)
         steps = len(context)
         for name, dim in feature_dims.items():
             self.register_buffer(f"{name}_codes", torch.zeros(steps, dim, dtype=torch.int8))
-            self.register_buffer(f"{name}_scale", torch.ones(steps, 1))
-            self.register_buffer(f"{name}_zero_point", torch.zeros(steps, 1))
+            groups = dim // self.group_sizes[name]
+            self.register_buffer(f"{name}_scale", torch.ones(steps, groups))
+            self.register_buffer(f"{name}_zero_point", torch.zeros(steps, groups))
             self.register_buffer(f"{name}_use_cache", torch.ones(steps, dtype=torch.bool))
         for name, value in conditions.items():
             self.register_buffer(f"condition_{name}", value.detach().clone().float())
         self._warned = False
 
     def fill(self, fp_features: Mapping[str, torch.Tensor]) -> None:
-        """Quantize the FP features (S, dim) per step with MSE-searched parameters."""
+        """Quantize the FP features (S, dim) per step and channel group with MSE-searched parameters."""
         for name in self.feature_names:
             values = fp_features[name].detach().float()
-            scale, zero = search_qparams(values, self.grid, "mse")
-            getattr(self, f"{name}_codes").copy_(quantize(values, scale, zero, self.grid).to(torch.int8))
-            getattr(self, f"{name}_scale").copy_(scale)
-            getattr(self, f"{name}_zero_point").copy_(zero)
+            steps, dim = values.shape
+            rows = values.reshape(-1, self.group_sizes[name])
+            scale, zero = search_qparams(rows, self.grid, "mse")
+            codes = quantize(rows, scale, zero, self.grid).reshape(steps, dim)
+            getattr(self, f"{name}_codes").copy_(codes.to(torch.int8))
+            getattr(self, f"{name}_scale").copy_(scale.reshape(steps, -1))
+            getattr(self, f"{name}_zero_point").copy_(zero.reshape(steps, -1))
 
     def lookup(self, name: str, steps: int | torch.Tensor) -> torch.Tensor:
         """Dequantized cached feature ``name`` at ``steps`` ((dim,) for an int, (R, dim) for indices)."""
         codes = getattr(self, f"{name}_codes")[steps]
-        return dequantize(codes, getattr(self, f"{name}_scale")[steps], getattr(self, f"{name}_zero_point")[steps])
+        grouped = codes.reshape(*codes.shape[:-1], -1, self.group_sizes[name])
+        scale = getattr(self, f"{name}_scale")[steps].unsqueeze(-1)
+        zero = getattr(self, f"{name}_zero_point")[steps].unsqueeze(-1)
+        return dequantize(grouped, scale, zero).reshape(codes.shape)
 
     def all_features(self) -> TemporalFeatures:
         """Every cached feature at every step, (S, dim) each."""

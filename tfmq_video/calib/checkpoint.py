@@ -46,6 +46,7 @@ def _cache_layout(qmodel: QuantizedModel) -> dict[str, Any] | None:
         return None
     return {
         "bits": cache.grid.bits,
+        "group_size": cache.group_size,
         "features": {name: int(getattr(cache, f"{name}_codes").shape[1]) for name in cache.feature_names},
         "conditions": {name: list(getattr(cache, f"condition_{name}").shape) for name in cache.condition_names},
     }
@@ -113,7 +114,8 @@ def load_calibrated(folder: str | os.PathLike, model: nn.Module | None = None) -
     layout = manifest.get("temporal_cache")
     if layout is not None:
         conditions = {name: torch.zeros(shape) for name, shape in layout["conditions"].items()}
-        qmodel.set_temporal_cache(TemporalFeatureCache(qmodel.context, layout["features"], conditions, layout["bits"]))
+        qmodel.set_temporal_cache(TemporalFeatureCache(
+            qmodel.context, layout["features"], conditions, layout["bits"], layout.get("group_size")))
     _freeze_structure(qmodel)
     load_into(qmodel, read_weights(folder), str(folder))
     qmodel.recipe, qmodel.fingerprint, qmodel.report = recipe, fingerprint, manifest.get("report", {})

@@ -25,10 +25,10 @@ def _as_lists(errors: dict[str, torch.Tensor]) -> dict[str, list[float]]:
 
 
 def build_cache(qmodel: QuantizedModel, tib: TemporalInformationBlock, fp_features: dict[str, torch.Tensor],
-                bits: int) -> TemporalFeatureCache:
-    """A cache of the FP features quantized to ``bits`` (shapes from ``fp_features``)."""
+                bits: int, group_size: int | None = None) -> TemporalFeatureCache:
+    """A cache of the FP features quantized to ``bits`` per step and channel group (shapes from ``fp_features``)."""
     dims = {name: value.shape[-1] for name, value in fp_features.items()}
-    cache = TemporalFeatureCache(qmodel.context, dims, tib.conditions, bits)
+    cache = TemporalFeatureCache(qmodel.context, dims, tib.conditions, bits, group_size)
     cache.fill(fp_features)
     return cache
 
@@ -57,7 +57,7 @@ def maintain_temporal_features(
     report["tib"] = _as_lists(tib_errors)
     if cfg.cache and not cfg.keep_fp:
         fp_features = tib.fp_features(fp_model)
-        cache = build_cache(qmodel, tib, fp_features, recipe.cache_bits())
+        cache = build_cache(qmodel, tib, fp_features, recipe.cache_bits(), cfg.cache_group_size)
         cache_errors = feature_errors(cache.all_features(), fp_features)
         report["cache"] = _as_lists(cache_errors)
         if cfg.select:

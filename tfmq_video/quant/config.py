@@ -97,6 +97,7 @@ class TIBConfig(_Section):
     select: bool = True
     layerwise_reconstruction: bool = False
     cache_bits: int | None = None  # default: the activation bits
+    cache_group_size: int | None = Field(32, ge=1)  # channels per cache scale; None: one scale per step and feature
     iterations: int = Field(1500, ge=0)
     lr_rounding: float = Field(5e-2, gt=0)
     lr_scale: float = Field(1e-3, ge=0)
