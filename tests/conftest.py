@@ -8,6 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from tfmq_video.calib.recorder import CalibrationSet
+from tfmq_video.calib.testing import tiny_calibration, tiny_stdit3
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 SHARED_DIR = Path(os.environ.get("TFMQ_SHARED_DIR", REPO_ROOT.parent / "shared"))
 
@@ -23,3 +26,15 @@ def shared_dir() -> Path:
     if not SHARED_DIR.is_dir():
         pytest.skip(f"shared reference folder {SHARED_DIR} is missing (set TFMQ_SHARED_DIR)")
     return SHARED_DIR
+
+
+@pytest.fixture(scope="module")
+def model() -> torch.nn.Module:
+    """A tiny random STDiT3 (one per test module; modules with their own ``model`` fixture override it)."""
+    return tiny_stdit3()
+
+
+@pytest.fixture(scope="module")
+def calibration(model: torch.nn.Module) -> CalibrationSet:
+    """A one-pass calibration recording of the module's ``model``."""
+    return tiny_calibration(model)

@@ -12,21 +12,11 @@ import tfmq_video
 from tfmq_video.calib.baselines import METHODS, method_recipe
 from tfmq_video.calib.checkpoint import MANIFEST_NAME, load_calibrated, save_calibrated
 from tfmq_video.calib.recorder import CalibrationSet, StepRecorder
-from tfmq_video.calib.testing import sample_tiny, tiny_calibration, tiny_stdit3
+from tfmq_video.calib.testing import sample_tiny, tiny_stdit3
 from tfmq_video.errors import CheckpointError, ConfigError
 from tfmq_video.quant.config import RecipeConfig
 
 FAST = RecipeConfig(progress=False, tib={"iterations": 60}, reconstruction={"iterations": 10, "batch_size": 2})
-
-
-@pytest.fixture(scope="module")
-def model() -> torch.nn.Module:
-    return tiny_stdit3()
-
-
-@pytest.fixture(scope="module")
-def calibration(model: torch.nn.Module) -> CalibrationSet:
-    return tiny_calibration(model)
 
 
 @pytest.fixture(scope="module")

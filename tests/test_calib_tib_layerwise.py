@@ -11,7 +11,7 @@ from tfmq_video.calib import tiar
 from tfmq_video.calib.baselines import METHODS, method_recipe
 from tfmq_video.calib.optimize import relative_error
 from tfmq_video.calib.recorder import CalibrationSet
-from tfmq_video.calib.testing import sample_tiny, tiny_calibration, tiny_stdit3
+from tfmq_video.calib.testing import sample_tiny
 from tfmq_video.calib.tib import TemporalInformationBlock
 from tfmq_video.errors import ConfigError
 from tfmq_video.quant.config import RecipeConfig, parse_config
@@ -21,16 +21,6 @@ FAST = RecipeConfig(
     progress=False, tib={"iterations": 60}, reconstruction={"iterations": 10, "batch_size": 2}
 )
 TIB_LAYERS = ["t_embedder.mlp.0", "t_embedder.mlp.2", "fps_embedder.mlp.0", "fps_embedder.mlp.2", "t_block.1"]
-
-
-@pytest.fixture(scope="module")
-def model() -> torch.nn.Module:
-    return tiny_stdit3()
-
-
-@pytest.fixture(scope="module")
-def calibration(model: torch.nn.Module) -> CalibrationSet:
-    return tiny_calibration(model)
 
 
 @pytest.fixture(scope="module")
