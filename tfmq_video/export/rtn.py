@@ -15,7 +15,8 @@ import torch
 from torch import nn
 
 from tfmq_video.errors import ConfigError
-from tfmq_video.quant.affine import IntRange, code_dtype, minmax_qparams, quantize
+from tfmq_video.quant.affine import IntRange, code_dtype, quantize
+from tfmq_video.quant.quantizers import search_qparams, weight_rows
 from tfmq_video.quant.records import ActivationRecord, QuantizedLinearRecord
 from tfmq_video.runtime.conv import CONV_TYPES
 
@@ -39,14 +40,8 @@ class RTNConfig:
 
 def weight_qparams(weight: torch.Tensor, grid: IntRange, group_size: int | None) -> tuple[torch.Tensor, torch.Tensor]:
     """Min-max scales and zero points, (out, 1) per channel or (out, in // group_size) per group."""
-    out_features, in_features = weight.shape
-    if group_size is None:
-        view = weight.unsqueeze(1)
-    else:
-        if in_features % group_size:
-            raise ConfigError(f"in_features {in_features} is not a multiple of group_size {group_size}")
-        view = weight.reshape(out_features, in_features // group_size, group_size)
-    return minmax_qparams(view.amin(-1), view.amax(-1), grid)
+    scale, zero = search_qparams(weight_rows(weight, group_size), grid, "minmax")
+    return scale.reshape(weight.shape[0], -1), zero.reshape(weight.shape[0], -1)
 
 
 def rtn_linear_record(
@@ -62,12 +57,8 @@ def rtn_linear_record(
     weight = linear.weight.detach().float()
     weight = weight.reshape(weight.shape[0], -1) if conv else weight
     scale, zero_point = weight_qparams(weight, grid, config.group_size)
-    if config.group_size is None:
-        codes = quantize(weight, scale, zero_point, grid)
-    else:
-        groups = weight.shape[1] // config.group_size
-        shaped = weight.reshape(weight.shape[0], groups, config.group_size)
-        codes = quantize(shaped, scale.unsqueeze(-1), zero_point.unsqueeze(-1), grid).reshape(weight.shape)
+    rows = weight_rows(weight, config.group_size)
+    codes = quantize(rows, scale.reshape(-1, 1), zero_point.reshape(-1, 1), grid).reshape(weight.shape)
     if activation is None:
         activation = ActivationRecord(mode=config.activation_mode, bits=config.activation_bits)  # type: ignore[arg-type]
     bias = None if linear.bias is None else linear.bias.detach().float().clone()
