@@ -19,6 +19,7 @@ from tfmq_video.errors import TFMQError
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("tfmq_video.commands.demo", "generate videos with the bundled toy model (and quantize it)"),
     "calibrate": ("tfmq_video.commands.calibrate", "calibrate a model with a YAML recipe and save the checkpoint"),
+    "export": ("tfmq_video.commands.export", "write a calibrated checkpoint as packed integer weights"),
     "bench": ("tfmq_video.commands.bench", "benchmarks: kernels, model, quality"),
     "eval": ("eval_video.command", "evaluate generated videos (FVD, VBench-style, fidelity vs FP)"),
 }

@@ -26,7 +26,16 @@ import torch
 from eval_video.frechet import frechet_distance_features
 from eval_video.io import make_strip, write_png
 from tfmq_video.toy.classifier import ToyVideoClassifier
-from tfmq_video.toy.data import Caption, clips_to_tensor, held_out_captions, make_clips, train_captions
+from tfmq_video.toy.data import (
+    COLORS,
+    DIRECTIONS,
+    SHAPES,
+    Caption,
+    clips_to_tensor,
+    held_out_captions,
+    make_clips,
+    train_captions,
+)
 from tfmq_video.toy.world import TOY_SAMPLER_CONFIG, generate_latents, load_toy_classifier, load_toy_stdit3
 
 log = logging.getLogger("measure_toy_world")
@@ -55,8 +64,18 @@ def caption_accuracy(classifier: ToyVideoClassifier, videos: torch.Tensor, capti
     correct = torch.stack([predicted[h] == labels[:, i] for i, h in enumerate(HEADS)], 1)
     scores = {h: float(correct[:, i].float().mean()) for i, h in enumerate(HEADS)}
     scores["all"] = float(correct.all(1).float().mean())
+    # a sign error (left for right) keeps the axis; the axis shows in the time-averaged layout
+    axis = torch.tensor([DIRECTIONS[d][0] != 0 for d in DIRECTIONS])
+    scores["direction_axis"] = float((axis[predicted["direction"]] == axis[labels[:, 2]]).float().mean())
+    scores["confusion"] = {h: confusion(predicted[h], labels[:, i], len(names)).tolist()
+                           for i, (h, names) in enumerate(zip(HEADS, (SHAPES, COLORS, DIRECTIONS), strict=True))}
     scores["n"] = len(captions)
     return scores
+
+
+def confusion(predicted: torch.Tensor, labels: torch.Tensor, classes: int) -> torch.Tensor:
+    """``classes`` x ``classes`` counts, rows the caption's label, columns the classifier's."""
+    return torch.bincount(labels * classes + predicted, minlength=classes * classes).reshape(classes, classes)
 
 
 def sample(model: torch.nn.Module, captions: Sequence[Caption], first_seed: int, batch_size: int) -> torch.Tensor:
@@ -137,10 +156,11 @@ def write_samples(path: Path, held_videos: torch.Tensor, held: Sequence[Caption]
 
 def markdown(record: dict, args: argparse.Namespace) -> str:
     """The ``docs/toy_world.md`` measurement section."""
-    lines = ["| captions | N | shape | color | direction | all three |", "|---|---|---|---|---|---|"]
+    lines = ["| captions | N | shape | color | direction | all three | direction axis |", "|---|---|---|---|---|---|---|"]
     for key, name in (("accuracy_held_out", "held-out"), ("accuracy_train_captions", "training")):
         a = record[key]
-        lines.append(f"| {name} | {a['n']} | {a['shape']:.1%} | {a['color']:.1%} | {a['direction']:.1%} | {a['all']:.1%} |")
+        lines.append(f"| {name} | {a['n']} | {a['shape']:.1%} | {a['color']:.1%} | {a['direction']:.1%} | {a['all']:.1%} "
+                     f"| {a['direction_axis']:.1%} |")
     lines += ["", f"| videos vs fresh procedural videos (N = {record['fvd_videos']} each) | toy FVD |", "|---|---|"]
     lines += [f"| {name} | {value:.2f} |" for name, value in record["fvd_toy"].items()]
     return "\n".join(lines)

@@ -120,9 +120,12 @@ class RFlowSampler:
         return x0 - noise
 
     def sample_training_t(self, batch: int, height: int, width: int, num_frames: int,
-                          generator: torch.Generator | None = None) -> torch.Tensor:
-        """Logit-normal training timesteps in [0, N], shifted like the sampling schedule."""
-        t = torch.sigmoid(torch.randn(batch, generator=generator)) * self.config.num_timesteps
+                          generator: torch.Generator | None = None, logit_location: float = 0.0) -> torch.Tensor:
+        """Logit-normal training timesteps in [0, N], shifted like the sampling schedule.
+
+        ``logit_location`` moves the normal's mean (0 upstream); a positive value puts more
+        training weight on the noisy end, where the sampler lays out the video."""
+        t = torch.sigmoid(torch.randn(batch, generator=generator) + logit_location) * self.config.num_timesteps
         if self.config.use_timestep_transform:
             t = self.transform(t, self.shift_ratio(height, width, num_frames))
         return t

@@ -3,7 +3,8 @@
 The recipe (see ``configs/``) names the model (``model.path: toy`` for the bundled toy
 STDiT3), the calibration prompts and every quantization setting. The output folder holds
 ``config.json`` + ``model.safetensors`` + ``quantization.json`` and loads with
-:func:`tfmq_video.calib.checkpoint.load_calibrated`.
+:func:`tfmq_video.calib.checkpoint.load_calibrated`; ``--export DIR`` also writes the packed
+integer checkpoint that :func:`tfmq_video.export.load_quantized` runs.
 """
 
 from __future__ import annotations
@@ -21,6 +22,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", type=Path, required=True, help="output checkpoint folder")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    parser.add_argument("--export", type=Path, default=None,
+                        help="also write the packed integer checkpoint here (as tfmq-video export)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -43,5 +46,9 @@ def run(args: argparse.Namespace) -> int:
         "temporal_feature_error": qmodel.report["temporal"]["temporal_feature_error"],
         "quantized_weight_fraction": round(qmodel.report["quantized_weight_fraction"], 4),
     }
+    if args.export is not None:
+        from tfmq_video.commands.export import export_and_report
+
+        summary["export"] = export_and_report(qmodel, args.export)
     print(json.dumps(summary, indent=2))
     return 0
