@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from tfmq_video.calib.quality import ROW_KEYS, markdown_table, per_step_error
+from tfmq_video.calib.quality import ROW_KEYS, markdown_table, per_step_error, seed_summary, summary_table
 from tfmq_video.cli import main
 
 
@@ -35,13 +35,35 @@ def test_markdown_table_has_every_key_and_formats_missing_values() -> None:
     assert per_step_error({"t": [1.0, 3.0], "t_mlp": [3.0, 5.0]}) == [2.0, 4.0]
 
 
+def test_seed_summary_gives_mean_and_spread_per_method_and_setting() -> None:
+    rows = [{"method": "fp", "wbits": 32, "abits": 32, "fvd_fp": 0.0, "psnr_fp": None}]
+    rows += [{"method": m, "wbits": 4, "abits": 8, "calib_seed": seed, "fvd_fp": v, "psnr_fp": p}
+             for m, seed, v, p in (("rtn", 0, 1.0, 20.0), ("rtn", 1, 3.0, 22.0), ("tfmq", 0, 0.5, 30.0))]
+    summary = seed_summary(rows, keys=("fvd_fp", "psnr_fp"))
+    assert [(e["method"], e["seeds"]) for e in summary] == [("rtn", 2), ("tfmq", 1)]
+    assert summary[0]["fvd_fp"] == 2.0 and summary[0]["fvd_fp_std"] == pytest.approx(2 ** 0.5)
+    assert summary[1]["psnr_fp_std"] == 0.0
+    assert "| rtn | 4 | 8 | 2 | 2 ± 1.4 | 21 ± 1.4 |" in summary_table(summary, keys=("fvd_fp", "psnr_fp"))
+
+
+def test_bench_quality_rejects_repeated_seeds_and_a_missing_model(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    args = ["bench", "quality", "--json", str(tmp_path / "q.json"), "--methods", "rtn"]
+    assert main([*args, "--calib-seeds", "0", "0"]) == 2
+    assert "repeats a seed" in capsys.readouterr().err
+    assert main([*args, "--model", str(tmp_path / "nowhere")]) == 2
+    assert "not an STDiT3 folder" in capsys.readouterr().err
+    assert not (tmp_path / "q.json").exists()
+
+
 @pytest.mark.slow
 def test_bench_quality_end_to_end_small(tmp_path: Path) -> None:
     import json
 
     out = tmp_path / "q.json"
     assert main(["bench", "quality", "--json", str(out), "--methods", "rtn", "--settings", "W8A8",
-                 "--num-videos", "4", "--plot", str(tmp_path / "q.png")]) == 0
-    rows = json.loads(out.read_text())["rows"]
-    assert [r["method"] for r in rows] == ["fp", "fp-reseed", "rtn"]
+                 "--num-videos", "4", "--plot", str(tmp_path / "q.png"), "--calib-seeds", "0", "1"]) == 0
+    record = json.loads(out.read_text())
+    assert [(r["method"], r.get("calib_seed")) for r in record["rows"]] == [
+        ("fp", None), ("fp-reseed", None), ("rtn", 0), ("rtn", 1)]
+    assert [(e["method"], e["seeds"]) for e in record["seed_summary"]] == [("rtn", 2)]
     assert (tmp_path / "q.png").is_file()

@@ -8,6 +8,11 @@ generates the same (caption, seed) pairs as FP. Metrics, in the toy classifier's
 - ``psnr_fp``: mean PSNR (dB) of the uint8 videos against FP;
 - ``temporal_feature_error``: mean relative squared error of the temporal features over steps;
 - ``fp-reseed``: FP with other seeds, the noise floor of ``fvd_fp``.
+
+With several calibration seeds (``QualityPlan.calib_seeds``: the recipe's ``seed``, which draws
+the reconstruction rows and minibatches), every method is calibrated once per seed, rows carry
+``calib_seed``, and :func:`seed_summary` gives the mean and spread per (method, setting): the
+calibration noise that a difference between methods must exceed.
 """
 
 from __future__ import annotations
@@ -46,6 +51,8 @@ class QualityPlan:
     num_videos: int = 32
     seed: int = 0
     base: RecipeConfig = field(default_factory=RecipeConfig)
+    calib_seeds: tuple[int, ...] | None = None  # None: the base recipe's seed only
+    model_path: str | None = None  # an STDiT3 folder; None: the bundled toy model
 
 
 class ToyEvaluator:
@@ -100,7 +107,7 @@ def quality_table(plan: QualityPlan, progress: bool = False) -> tuple[list[dict[
     """Rows of the quality table and per-step temporal-feature errors per (method, setting)."""
     from tfmq_video.toy.world import load_toy_stdit3
 
-    model = load_toy_stdit3()
+    model = load_toy_stdit3(plan.model_path)
     null = model.y_embedder.y_embedding
     evaluator = ToyEvaluator(plan.num_videos, plan.seed)
     fp = evaluator.generate(model, null)
@@ -115,23 +122,54 @@ def quality_table(plan: QualityPlan, progress: bool = False) -> tuple[list[dict[
                                                          progress)
     record_seconds = time.perf_counter() - start
     curves: dict[str, Any] = {"timesteps": calibration.timesteps}
+    seeds = plan.calib_seeds or (plan.base.seed,)
     for wbits, abits in plan.settings:
         for method in plan.methods:
-            recipe = method_recipe(method, wbits, abits, plan.base)
-            qmodel = quantize(model, "opensora-stdit3", calibration, recipe)
-            latents = evaluator.generate(qmodel, null)
-            temporal = qmodel.report["temporal"]
-            rows.append(_row(
-                method, wbits, abits, evaluator.score(latents, fp, fp_features),
-                temporal_feature_error=temporal["temporal_feature_error"],
-                calib_seconds=qmodel.report["seconds"]["total"] + record_seconds,
-                quantized_weight_fraction=qmodel.quantized_weight_fraction(),
-            ))
-            curves[f"{method} W{wbits}A{abits}"] = per_step_error(temporal["final"])
-            log.info("%s", {k: rows[-1][k] for k in ROW_KEYS})
+            for calib_seed in seeds:
+                recipe = method_recipe(method, wbits, abits, plan.base.model_copy(update={"seed": calib_seed}))
+                qmodel = quantize(model, "opensora-stdit3", calibration, recipe)
+                latents = evaluator.generate(qmodel, null)
+                temporal = qmodel.report["temporal"]
+                rows.append(_row(
+                    method, wbits, abits, evaluator.score(latents, fp, fp_features),
+                    temporal_feature_error=temporal["temporal_feature_error"],
+                    calib_seconds=qmodel.report["seconds"]["total"] + record_seconds,
+                    quantized_weight_fraction=qmodel.quantized_weight_fraction(), calib_seed=calib_seed,
+                ))
+                suffix = f" seed {calib_seed}" if len(seeds) > 1 else ""
+                curves[f"{method}{suffix} W{wbits}A{abits}"] = per_step_error(temporal["final"])
+                log.info("%s", {k: rows[-1][k] for k in ROW_KEYS})
     for row in rows:
         row["num_videos"] = plan.num_videos
     return rows, curves
+
+
+def seed_summary(rows: Sequence[dict[str, Any]], keys: Sequence[str] = ("fvd", "fvd_fp", "psnr_fp")
+                 ) -> list[dict[str, Any]]:
+    """Per (method, wbits, abits) over calibration seeds: ``seeds`` and each key's mean and
+    standard deviation (``{key}_std``, 0 for one seed)."""
+    groups: dict[tuple[str, int, int], list[dict[str, Any]]] = {}
+    for row in rows:
+        if "calib_seed" in row:
+            groups.setdefault((row["method"], row["wbits"], row["abits"]), []).append(row)
+    summary = []
+    for (method, wbits, abits), members in groups.items():
+        entry: dict[str, Any] = {"method": method, "wbits": wbits, "abits": abits, "seeds": len(members)}
+        for key in keys:
+            values = [m[key] for m in members if m.get(key) is not None]
+            entry[key] = float(np.mean(values)) if values else None
+            entry[f"{key}_std"] = float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
+        summary.append(entry)
+    return summary
+
+
+def summary_table(summary: Sequence[dict[str, Any]], keys: Sequence[str] = ("fvd", "fvd_fp", "psnr_fp")) -> str:
+    """:func:`seed_summary` as markdown: ``mean ± std`` per key."""
+    lines = ["| method | wbits | abits | seeds | " + " | ".join(keys) + " |", "|" + "---|" * (4 + len(keys))]
+    for entry in summary:
+        cells = [f"{entry[k]:.4g} ± {entry[f'{k}_std']:.2g}" if entry[k] is not None else "-" for k in keys]
+        lines.append(f"| {entry['method']} | {entry['wbits']} | {entry['abits']} | {entry['seeds']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 def per_step_error(errors: dict[str, Sequence[float]]) -> list[float]:

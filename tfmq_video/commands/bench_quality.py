@@ -35,6 +35,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--config", type=Path, default=None, help="base recipe YAML (default: built-in toy recipe)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    parser.add_argument("--calib-seeds", nargs="+", type=int, default=None,
+                        help="calibrate every method once per recipe seed and report mean ± std (calibration noise)")
+    parser.add_argument("--model", type=Path, default=None, help="STDiT3 folder (default: the bundled toy model)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -47,6 +50,8 @@ def run(args: argparse.Namespace) -> int:
         markdown_table,
         plot_curves,
         quality_table,
+        seed_summary,
+        summary_table,
     )
     from tfmq_video.quant.config import RecipeConfig, load_config
 
@@ -59,11 +64,22 @@ def run(args: argparse.Namespace) -> int:
     if args.num_videos < 2:
         raise ConfigError("--num-videos must be at least 2 (a covariance needs two samples)")
     base = load_config(args.config) if args.config else RecipeConfig()
+    if args.calib_seeds is not None and len(set(args.calib_seeds)) != len(args.calib_seeds):
+        raise ConfigError(f"--calib-seeds repeats a seed: {args.calib_seeds}")
+    if args.model is not None and not (args.model / "config.json").is_file():
+        raise ConfigError(f"--model {args.model}: not an STDiT3 folder (no config.json)")
     plan = QualityPlan(methods, tuple(args.settings or DEFAULT_SETTINGS), args.num_videos, args.seed,
-                       base.model_copy(update={"progress": False}))
+                       base.model_copy(update={"progress": False}),
+                       None if args.calib_seeds is None else tuple(args.calib_seeds),
+                       None if args.model is None else str(args.model))
     rows, curves = quality_table(plan)
     print(markdown_table(rows))
-    write_text_atomic(args.json, json.dumps({"rows": rows, "temporal_feature_error_per_step": curves}, indent=2) + "\n")
+    record: dict = {"rows": rows, "temporal_feature_error_per_step": curves}
+    if args.calib_seeds is not None and len(args.calib_seeds) > 1:
+        record["seed_summary"] = seed_summary(rows)
+        print()
+        print(summary_table(record["seed_summary"]))
+    write_text_atomic(args.json, json.dumps(record, indent=2) + "\n")
     if args.plot:
         args.plot.parent.mkdir(parents=True, exist_ok=True)
         plot_curves(curves, str(args.plot))
