@@ -15,7 +15,10 @@ from tfmq_video.toy.data import (
     CROSS_AXIS_JITTER,
     DIRECTIONS,
     FRAME_SIZE,
+    LANE_OFFSET,
+    LANE_SIDE,
     NUM_FRAMES,
+    Caption,
     all_captions,
     clips_to_tensor,
     draw_specs,
@@ -59,7 +62,7 @@ def test_objects_move_as_captioned() -> None:
         assert np.sign(round(dx)) == ex and np.sign(round(dy)) == ey, spec
 
 
-def test_a_fading_trail_follows_the_object_near_its_axis_centre_line() -> None:
+def test_a_fading_trail_follows_the_object_in_its_direction_lane() -> None:
     for spec in draw_specs(11, 12, all_captions()):
         spec = replace(spec, background="solid", background_colors=((40, 40, 40), (40, 40, 40)))
         frame = render_clip(spec)[NUM_FRAMES // 2].astype(int)
@@ -70,7 +73,25 @@ def test_a_fading_trail_follows_the_object_near_its_axis_centre_line() -> None:
         along = [float(np.nonzero(m)[1].mean() * ex + np.nonzero(m)[0].mean() * ey) for m in (tinted, solid)]
         assert tinted.sum() > 10 and along[0] < along[1] - 1, spec  # the trail lies behind the object
         cross = spec.start[1] if ex else spec.start[0]
-        assert abs(cross - FRAME_SIZE / 2) <= CROSS_AXIS_JITTER, spec
+        lane = FRAME_SIZE / 2 + LANE_SIDE[spec.caption.direction] * LANE_OFFSET
+        assert abs(cross - lane) <= CROSS_AXIS_JITTER, spec
+
+
+def test_lanes_separate_opposite_directions_and_can_be_switched_off() -> None:
+    """With lanes, the time-averaged layout of 'left' differs from 'right' (the sign is part of
+    the layout); without, tracks spread across both lanes."""
+    left, right = Caption("square", "red", "left"), Caption("square", "red", "right")
+    red = np.array(COLORS["red"])
+    centroid = {}
+    for caption in (left, right):
+        clips = make_clips(5, 64, [caption])[0].astype(int)
+        object_rows = np.nonzero(np.abs(clips - red).sum(-1) < 60)[2]  # (N, T, H, W) -> row index
+        centroid[caption.direction] = float(object_rows.mean())
+    assert centroid["left"] < FRAME_SIZE / 2 - 2 < FRAME_SIZE / 2 + 2 < centroid["right"], centroid
+    crosses = [s.start[1] for s in draw_specs(3, 200, [left], lanes=False)]
+    reach = LANE_OFFSET + CROSS_AXIS_JITTER
+    assert min(crosses) < FRAME_SIZE / 2 - LANE_OFFSET and max(crosses) > FRAME_SIZE / 2 + LANE_OFFSET - 1
+    assert all(abs(c - FRAME_SIZE / 2) <= reach for c in crosses)
 
 
 def test_held_out_captions_never_appear_in_training_but_their_words_do() -> None:

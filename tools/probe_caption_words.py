@@ -21,12 +21,16 @@ from tfmq_video.toy.data import COLORS, DIRECTIONS, SHAPES, Caption, all_caption
 from tfmq_video.toy.world import TOY_SAMPLER_CONFIG, load_toy_stdit3, model_kwargs, toy_text_encoder
 
 WORDS = {"direction": tuple(DIRECTIONS), "shape": SHAPES, "color": tuple(COLORS)}
+OPPOSITE = {"left": "right", "right": "left", "up": "down", "down": "up"}
 
 
 def swapped(caption: Caption, word: str | None) -> str:
-    """The caption text with ``word`` replaced by the next value of its kind (``None``: unchanged)."""
+    """The caption text with ``word`` replaced by the next value of its kind (``None``: unchanged;
+    ``"sign"``: the opposite direction on the same axis)."""
     if word is None:
         return caption.text
+    if word == "sign":
+        return Caption(caption.shape, caption.color, OPPOSITE[caption.direction]).text
     values = WORDS[word]
     fields = {"direction": caption.direction, "shape": caption.shape, "color": caption.color}
     fields[word] = values[(values.index(fields[word]) + 1) % len(values)]
@@ -46,7 +50,7 @@ def word_losses(model: torch.nn.Module, clips: int, timesteps: list[float]) -> d
         t = torch.full((len(x0),), value)
         x_t = sampler.add_noise(x0, noise, t)
         out[value] = {}
-        for word in (None, *WORDS):
+        for word in (None, *WORDS, "sign"):
             y, mask = encoder.encode([swapped(s.caption, word) for s in specs])
             pred = model(x_t, t, y, mask=mask, **model_kwargs(len(x0)))
             out[value][word or "right"] = float((pred - target).pow(2).mean())
@@ -75,9 +79,11 @@ def main() -> None:
     parser.add_argument("--timesteps", type=float, nargs="+", default=[950.0, 850.0, 700.0, 500.0, 300.0])
     args = parser.parse_args()
     model = load_toy_stdit3(args.model)
-    print("| t | right caption | wrong direction | wrong shape | wrong color |\n|---|---|---|---|---|")
+    print("| t | right caption | wrong direction | opposite direction | wrong shape | wrong color |\n"
+          "|---|---|---|---|---|---|")
     for t, row in word_losses(model, args.clips, args.timesteps).items():
-        print(f"| {t:g} | {row['right']:.5f} | {row['direction']:.5f} | {row['shape']:.5f} | {row['color']:.5f} |")
+        print(f"| {t:g} | {row['right']:.5f} | {row['direction']:.5f} | {row['sign']:.5f} | {row['shape']:.5f} "
+              f"| {row['color']:.5f} |")
     print("ideal loss gain at t -> 1:", {word: round(gain, 5) for word, gain in ideal_gains().items()})
 
 

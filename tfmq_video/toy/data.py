@@ -26,8 +26,14 @@ BACKGROUNDS: tuple[str, ...] = ("solid", "horizontal-gradient", "vertical-gradie
 NUM_FRAMES = 8
 FRAME_SIZE = 32
 SUPERSAMPLE = 4
-# Objects travel near the centre line of their axis: how far (px) the other coordinate may stray.
-CROSS_AXIS_JITTER = 4.0
+# Each direction has its own lane: left-moving objects travel above the horizontal centre line,
+# right-moving ones below it, up-moving ones left of the vertical centre line, down-moving ones
+# right of it (LANE_OFFSET px from the centre line, within CROSS_AXIS_JITTER px). Why: STDiT3's
+# temporal attention has only relative (RoPE) positions, so at high noise the model can lay out
+# where a track runs but not which way along it; the lane makes the sign part of the layout.
+LANE_OFFSET = 6.0
+CROSS_AXIS_JITTER = 2.0
+LANE_SIDE: dict[str, int] = {"left": -1, "right": 1, "up": -1, "down": 1}
 # Fading afterimages (a motion trail): (frames behind the object, opacity), drawn oldest first.
 TRAIL: tuple[tuple[int, float], ...] = ((2, 0.2), (1, 0.45))
 
@@ -93,12 +99,14 @@ def _muted_color(rng: np.random.Generator) -> tuple[int, int, int]:
     return tuple(int(v) for v in rng.integers(15, 110, size=3))  # type: ignore[return-value]
 
 
-def random_spec(rng: np.random.Generator, caption: Caption) -> ClipSpec:
+def random_spec(rng: np.random.Generator, caption: Caption, lanes: bool = True) -> ClipSpec:
     """Draw the nuisance variables of a clip with ``caption`` so the object stays in view.
 
-    The object starts on the side its direction leaves from and travels near the centre line of
-    its axis (within :data:`CROSS_AXIS_JITTER`), so the caption fixes the track's place; size,
-    speed, the exact start and the background vary.
+    The object starts on the side its direction leaves from and travels along its direction's
+    lane (:data:`LANE_OFFSET`, within :data:`CROSS_AXIS_JITTER`), so the caption fixes the
+    track's place; size, speed, the exact start and the background vary. ``lanes=False`` puts the
+    track anywhere across both lanes (the toy classifier trains on such clips, so it judges the
+    motion, not the lane).
     """
     size = float(rng.uniform(10.0, 14.0))
     speed = float(rng.uniform(2.0, 3.0))
@@ -109,7 +117,11 @@ def random_spec(rng: np.random.Generator, caption: Caption) -> ClipSpec:
     def start_along(d: int) -> float:
         if d == 0:
             centre = FRAME_SIZE / 2
-            return float(rng.uniform(centre - CROSS_AXIS_JITTER, centre + CROSS_AXIS_JITTER))
+            if not lanes:
+                reach = LANE_OFFSET + CROSS_AXIS_JITTER
+                return float(rng.uniform(centre - reach, centre + reach))
+            lane = centre + LANE_SIDE[caption.direction] * LANE_OFFSET
+            return float(rng.uniform(lane - CROSS_AXIS_JITTER, lane + CROSS_AXIS_JITTER))
         low, high = margin, FRAME_SIZE - margin - travel
         pos = float(rng.uniform(low, max(low, high)))
         return pos if d > 0 else FRAME_SIZE - pos
@@ -171,19 +183,23 @@ def render_clip(spec: ClipSpec) -> np.ndarray:
     return frames
 
 
-def draw_specs(seed: int, count: int, captions: Sequence[Caption] | None = None) -> list[ClipSpec]:
-    """``count`` specs from ``seed``; captions cycle through ``captions`` (default: training set)."""
+def draw_specs(seed: int, count: int, captions: Sequence[Caption] | None = None, lanes: bool = True
+               ) -> list[ClipSpec]:
+    """``count`` specs from ``seed``; captions cycle through ``captions`` (default: training set);
+    ``lanes``: see :func:`random_spec`."""
     pool = list(captions) if captions is not None else train_captions()
     if not pool:
         raise ValueError("draw_specs needs at least one caption")
     rng = np.random.default_rng(seed)
     order = rng.permutation(len(pool))
-    return [random_spec(rng, pool[order[i % len(pool)]]) for i in range(count)]
+    return [random_spec(rng, pool[order[i % len(pool)]], lanes) for i in range(count)]
 
 
-def make_clips(seed: int, count: int, captions: Sequence[Caption] | None = None) -> tuple[np.ndarray, list[ClipSpec]]:
-    """Render ``count`` clips from ``seed``: uint8 (N, T, H, W, 3) and their specs."""
-    specs = draw_specs(seed, count, captions)
+def make_clips(seed: int, count: int, captions: Sequence[Caption] | None = None, lanes: bool = True
+               ) -> tuple[np.ndarray, list[ClipSpec]]:
+    """Render ``count`` clips from ``seed``: uint8 (N, T, H, W, 3) and their specs (``lanes``:
+    see :func:`random_spec`)."""
+    specs = draw_specs(seed, count, captions, lanes)
     return np.stack([render_clip(s) for s in specs]), specs
 
 
