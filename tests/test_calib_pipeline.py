@@ -166,9 +166,14 @@ def test_calibrate_command_on_the_toy_model_saves_a_loadable_checkpoint(tmp_path
         "tib: {iterations: 50}\n"
         "reconstruction: {iterations: 5, batch_size: 2}\n"
     )
-    assert main(["calibrate", str(config), "--out", str(tmp_path / "ckpt"), "--no-progress"]) == 0
+    assert main(["calibrate", str(config), "--out", str(tmp_path / "ckpt"), "--no-progress",
+                 "--export", str(tmp_path / "packed")]) == 0
     qmodel = load_calibrated(tmp_path / "ckpt")
     assert len(qmodel.context) == 3 and qmodel.report["seconds"]["calibration_total"] > 0
+    from tfmq_video.export import load_quantized
+
+    packed = load_quantized(tmp_path / "packed", backend="reference", attention="fp")
+    assert packed.timestep_context is not None and len(packed.timestep_context) == 3
 
 
 def test_records_hand_off_the_served_temporal_features(tfmq_model) -> None:
