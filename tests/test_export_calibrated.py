@@ -20,9 +20,12 @@ from tfmq_video.export import load_quantized
 from tfmq_video.export.format import CACHE_FILE, MANIFEST_NAME
 from tfmq_video.quant.config import RecipeConfig
 
-# reference: the same float32 math as the fake quant; cpu: integer GEMMs (another summation
-# order, and the activation code of a value at a rounding tie can flip)
-EXPORT_RTOL = {"reference": 1e-5, "cpu": 2e-3}
+# Both backends: float rounding differs from the fake-quant model by an ulp here and there (the
+# quantized TIB runs on a batch of 2 rows in the fake model and on all steps at export, so its
+# matmuls sum in another order; the cpu backend uses integer GEMMs), and one activation code at a
+# rounding tie can flip; one flipped code moves the tiny model's output by ~1e-3. Exact weight
+# codes are checked in test_quant_model.py (records reproduce the fake-quant weights).
+EXPORT_RTOL = {"reference": 5e-3, "cpu": 5e-3}
 FAST = RecipeConfig(progress=False, quant={"quantize_attention": False}, tib={"iterations": 40},
                     reconstruction={"iterations": 5, "batch_size": 2})
 

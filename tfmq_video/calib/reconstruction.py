@@ -1,10 +1,14 @@
-"""BRECQ-style block reconstruction of the transformer blocks (and the output layer).
+"""BRECQ-style reconstruction of everything outside the TIB: the embedding layers, the
+transformer blocks and the output layer.
 
-Every block, then the adapter's output layer (head), is calibrated in execution order on the recorded (timestep-aware) calibration
-rows: its input comes from the already quantized predecessors, its target is the FP block's
-output on the FP input. AdaRound weights (and optionally LSQ activation steps) minimize the
-relative output error; the block is then frozen and its quantized output feeds the next one.
-Block inputs live on CPU for all rows (two token streams: FP and quantized).
+First the quantized layers the adapter's embedding runs (for STDiT3 the patch and caption
+embedders; the TIB is handled by :mod:`tfmq_video.calib.temporal`) are reconstructed one by one,
+as BRECQ treats layers outside blocks. Then every block, then the adapter's output layer (head),
+is calibrated in execution order on the recorded (timestep-aware) calibration rows: its input
+comes from the already quantized predecessors, its target is the FP unit's output on the FP
+input. AdaRound weights (and optionally LSQ activation steps) minimize the relative output
+error; the unit is then frozen and its quantized output feeds the next one. Inputs live on CPU
+for all rows (two streams: FP and quantized).
 """
 
 from __future__ import annotations
@@ -41,6 +45,82 @@ def embed_calls(adapter: DiTAdapter, model: nn.Module, calibration: CalibrationS
 
 
 UnitRunner = Callable[[nn.Module, BlockBatch], torch.Tensor]
+
+
+def embedding_layer_names(qmodel: QuantizedModel) -> list[str]:
+    """Quantized layers outside the TIB, the blocks and the head (run by the adapter's embedding)."""
+    head = qmodel.adapter.head_name(qmodel.model)
+    return [name for name, _ in qmodel.weight_layers("other")
+            if head is None or not (name == head or name.startswith(head + "."))]
+
+
+def capture_embed_io(
+    adapter: DiTAdapter, model: nn.Module, calibration: CalibrationSet, names: list[str],
+    context: StepContext | None,
+) -> tuple[list[str], dict[str, torch.Tensor], dict[str, torch.Tensor], torch.Tensor]:
+    """Inputs and outputs of the layers ``names`` over every recorded call's embedding (rows of
+    all calls stacked): the layers in execution order, inputs, outputs and each row's step."""
+    order: list[str] = []
+    inputs: dict[str, list[torch.Tensor]] = {}
+    outputs: dict[str, list[torch.Tensor]] = {}
+
+    def hook(name: str) -> Callable[[nn.Module, tuple, torch.Tensor], None]:
+        def record(_: nn.Module, args: tuple, output: torch.Tensor) -> None:
+            if name not in inputs:
+                order.append(name)
+            inputs.setdefault(name, []).append(args[0].detach())
+            outputs.setdefault(name, []).append(output.detach())
+
+        return record
+
+    handles = [model.get_submodule(name).register_forward_hook(hook(name)) for name in names]
+    steps = []
+    try:
+        with torch.no_grad():
+            for call in calibration.calls:
+                if context is not None:
+                    context.set_index(call.step)
+                adapter.embed(model, call.args, call.kwargs)
+                steps.append(torch.full((len(call.args[0]),), call.step, dtype=torch.long))
+    finally:
+        for handle in handles:
+            handle.remove()
+    rows = torch.cat(steps)
+    for name in order:
+        if len(inputs[name]) != len(calibration.calls) or sum(len(t) for t in inputs[name]) != len(rows):
+            raise RuntimeError(f"embedding layer {name} does not run once per sample and call: it cannot be "
+                               "reconstructed layer by layer")
+    return (order, {k: torch.cat(v) for k, v in inputs.items()}, {k: torch.cat(v) for k, v in outputs.items()},
+            rows)
+
+
+def reconstruct_embeddings(
+    qmodel: QuantizedModel, fp_model: nn.Module, calibration: CalibrationSet, recipe: RecipeConfig,
+    schedule: RoundingSchedule, generator: torch.Generator,
+) -> dict[str, Any]:
+    """Layer-wise reconstruction of :func:`embedding_layer_names` in execution order, each on the
+    input its quantized predecessors give (minibatches of the subsampled rows); per-layer losses."""
+    adapter, context = qmodel.adapter, qmodel.context
+    names = embedding_layer_names(qmodel)
+    if not names:
+        return {}
+    order, _, targets, _ = capture_embed_io(adapter, fp_model, calibration, names, None)
+    keep: torch.Tensor | None = None
+    report: dict[str, Any] = {}
+    for name in order:
+        start = time.perf_counter()
+        layer = qmodel.model.get_submodule(name)
+        _, q_inputs, _, steps = capture_embed_io(adapter, qmodel.model, calibration, [name], context)
+        if keep is None:
+            keep = subsample_rows(len(steps), recipe.calibration.max_rows, recipe.seed)
+        rows = BlockBatch(q_inputs[name][keep], {}, {}, steps[keep])
+        loss = block_loss(lambda unit, batch: unit(batch.hidden), layer, rows, targets[name][keep], context,
+                          generator, recipe.reconstruction.batch_size)
+        acts = [layer.input_quant] if layer.input_quant is not None else []
+        losses = optimize_rounding([layer], acts, loss, schedule, name, recipe.progress)
+        report[name] = {"first_loss": losses[0] if losses else None, "last_loss": losses[-1] if losses else None,
+                        "seconds": time.perf_counter() - start}
+    return report
 
 
 def run_rows(runner: UnitRunner, block: nn.Module, batch: BlockBatch, chunk: int,
@@ -86,17 +166,19 @@ def reconstruct_blocks(
 ) -> dict[str, Any]:
     """Calibrate every block of ``qmodel`` in order (see module docstring); returns per-block losses."""
     adapter, context, cfg = qmodel.adapter, qmodel.context, recipe.reconstruction
+    generator = torch.Generator().manual_seed(recipe.seed)
+    schedule = RoundingSchedule(cfg.iterations if cfg.enabled else 0, cfg.lr_rounding,
+                                cfg.lr_scale if cfg.learn_act_scales else 0.0, cfg.rounding_weight, cfg.warmup,
+                                cfg.beta_start, cfg.beta_end)
+    embeddings = reconstruct_embeddings(qmodel, fp_model, calibration, recipe, schedule, generator)
     fp_rows = embed_calls(adapter, fp_model, calibration, None)
     q_rows = embed_calls(adapter, qmodel.model, calibration, context)
     keep = subsample_rows(len(fp_rows), recipe.calibration.max_rows, recipe.seed)
     fp_rows, q_rows = fp_rows.select(keep), q_rows.select(keep)
     chunk = recipe.calibration.batch_size
-    generator = torch.Generator().manual_seed(recipe.seed)
-    schedule = RoundingSchedule(cfg.iterations if cfg.enabled else 0, cfg.lr_rounding,
-                                cfg.lr_scale if cfg.learn_act_scales else 0.0, cfg.rounding_weight, cfg.warmup,
-                                cfg.beta_start, cfg.beta_end)
     store_bytes = 2 * fp_rows.hidden.numel() * fp_rows.hidden.element_size()
-    report: dict[str, Any] = {"rows": len(fp_rows), "store_mb": store_bytes / 2**20, "blocks": {}}
+    report: dict[str, Any] = {"rows": len(fp_rows), "store_mb": store_bytes / 2**20, "embeddings": embeddings,
+                              "blocks": {}}
     units: list[tuple[str, UnitRunner]] = [(name, adapter.run_block) for name in adapter.block_names(qmodel.model)]
     head = adapter.head_name(qmodel.model)
     if head is not None:
