@@ -13,7 +13,7 @@ import tfmq_video
 from tfmq_video.calib.baselines import method_recipe
 from tfmq_video.calib.checkpoint import save_calibrated
 from tfmq_video.calib.recorder import CalibrationSet
-from tfmq_video.calib.testing import TINY_LATENT
+from tfmq_video.calib.testing import tiny_model_inputs
 from tfmq_video.cli import main
 from tfmq_video.errors import CheckpointError
 from tfmq_video.export import load_quantized
@@ -46,14 +46,7 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def model_inputs(t: float) -> dict:
-    generator = torch.Generator().manual_seed(11)
-    return {
-        "x": torch.randn(2, *TINY_LATENT, generator=generator),
-        "timestep": torch.full((2,), t),
-        "y": torch.randn(2, 1, 4, 16, generator=generator),
-        "mask": torch.tensor([[1, 1, 0, 0], [1, 1, 1, 1]]),
-        "fps": torch.tensor([8.0]),
-    }
+    return tiny_model_inputs(t, seed=11)
 
 
 @pytest.mark.parametrize("backend", ["reference", "cpu"])

@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from dit_adapters.base import get_adapter
-from tfmq_video.calib.testing import TINY_LATENT, tiny_stdit3
+from tfmq_video.calib.testing import tiny_model_inputs, tiny_stdit3
 from tfmq_video.errors import CheckpointError, ConfigError
 from tfmq_video.export import RTNConfig, load_quantized, rtn_records, save_quantized
 from tfmq_video.export.format import MANIFEST_NAME, QUANTIZED_FILE
@@ -45,14 +45,7 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def model_inputs(t: float = 500.0) -> dict:
-    generator = torch.Generator().manual_seed(5)
-    return {
-        "x": torch.randn(2, *TINY_LATENT, generator=generator),
-        "timestep": torch.full((2,), t),
-        "y": torch.randn(2, 1, 4, 16, generator=generator),
-        "mask": torch.tensor([[1, 1, 0, 0], [1, 1, 1, 1]]),
-        "fps": torch.tensor([8.0]),
-    }
+    return tiny_model_inputs(t, seed=5)
 
 
 def calibrated(weight: dict, activation: dict | None = None, keep_tib_fp: bool = True):

@@ -29,6 +29,19 @@ def tiny_call_inputs(batch: int, seed: int = 0) -> tuple[torch.Tensor, torch.Ten
     return noise, y, null, {"fps": torch.tensor([8.0])}
 
 
+def tiny_model_inputs(t: float = 500.0, seed: int = 5) -> dict:
+    """Keyword inputs of one forward pass of the tiny model at timestep ``t`` (batch 2, the
+    first caption half padded)."""
+    generator = torch.Generator().manual_seed(seed)
+    return {
+        "x": torch.randn(2, *TINY_LATENT, generator=generator),
+        "timestep": torch.full((2,), t),
+        "y": torch.randn(2, 1, TINY_CONFIG.model_max_length, TINY_CONFIG.caption_channels, generator=generator),
+        "mask": torch.tensor([[1, 1, 0, 0], [1, 1, 1, 1]]),
+        "fps": torch.tensor([8.0]),
+    }
+
+
 @torch.no_grad()
 def sample_tiny(model: torch.nn.Module, batch: int = 2, seed: int = 0, recorder: StepRecorder | None = None,
                 sampler: SamplerConfig = TINY_SAMPLER) -> torch.Tensor:
