@@ -94,6 +94,16 @@ def test_lanes_separate_opposite_directions_and_can_be_switched_off() -> None:
     assert all(abs(c - FRAME_SIZE / 2) <= reach for c in crosses)
 
 
+def test_circles_are_outlines_and_squares_are_filled() -> None:
+    """A circle's centre shows the background (its hole); a square's centre is its color."""
+    for shape, filled in (("circle", False), ("square", True), ("triangle", True)):
+        spec = draw_specs(2, 1, [Caption(shape, "red", "left")])[0]
+        spec = replace(spec, background="solid", background_colors=((40, 40, 40), (40, 40, 40)), size=14.0)
+        frame = render_clip(spec)[0].astype(int)
+        centre = frame[int(spec.start[1]), int(spec.start[0])]
+        assert (np.abs(centre - np.array(COLORS["red"])).sum() < 60) == filled, (shape, centre)
+
+
 def test_held_out_captions_never_appear_in_training_but_their_words_do() -> None:
     held, train = set(held_out_captions()), set(train_captions())
     assert held.isdisjoint(train) and len(held) + len(train) == len(all_captions())

@@ -34,6 +34,9 @@ SUPERSAMPLE = 4
 LANE_OFFSET = 6.0
 CROSS_AXIS_JITTER = 2.0
 LANE_SIDE: dict[str, int] = {"left": -1, "right": 1, "up": -1, "down": 1}
+# A circle is drawn as an outline whose hole has this fraction of its radius. Filled circles and
+# squares were told apart by their corners alone, which the 4x4-patch toy model rounded off.
+CIRCLE_HOLE = 0.5
 # Fading afterimages (a motion trail): (frames behind the object, opacity), drawn oldest first.
 TRAIL: tuple[tuple[int, float], ...] = ((2, 0.2), (1, 0.45))
 
@@ -158,8 +161,9 @@ def _coverage(shape: str, centre: tuple[float, float], size: float) -> np.ndarra
     half = size / 2
     if shape == "square":
         inside = (np.abs(u) <= half * 0.9) & (np.abs(v) <= half * 0.9)
-    elif shape == "circle":
-        inside = u**2 + v**2 <= half**2
+    elif shape == "circle":  # an outline (a ring): its hole tells it from a square with soft corners
+        radius2 = u**2 + v**2
+        inside = (radius2 <= half**2) & (radius2 >= (CIRCLE_HOLE * half) ** 2)
     elif shape == "triangle":  # apex up, base at the bottom
         inside = (v <= half * 0.9) & (v >= -half) & (np.abs(u) <= (v + half) * 0.55)
     else:
