@@ -47,14 +47,19 @@ def toy() -> ToyBackbone:
 def clips() -> dict[str, np.ndarray]:
     clean, _ = make_clips(1, 96)
     reference, _ = make_clips(2, 96)
-    return {"clean": clean, "reference": reference, "noisy": damage(clean, 40, 1), "blurred": damage(clean, 0, 5)}
+    shuffled = np.stack([clip[np.random.default_rng(i).permutation(len(clip))] for i, clip in enumerate(clean)])
+    return {"clean": clean, "reference": reference, "blurred": damage(clean, 0, 5),
+            "reversed": np.ascontiguousarray(clean[:, ::-1]), "shuffled": shuffled}
 
 
 @pytest.mark.filterwarnings("ignore::eval_video.frechet.SmallSampleWarning")
 def test_toy_fvd_separates_clean_from_damaged(toy: ToyBackbone, clips: dict[str, np.ndarray]) -> None:
     ref = _videos(clips["reference"], "ref")
-    values = {name: fvd(_videos(clips[name]), ref, toy).value for name in ("clean", "noisy", "blurred")}
-    assert values["noisy"] > 1.8 * values["clean"], values  # type: ignore[operator]
+    values = {name: fvd(_videos(clips[name]), ref, toy).value for name in ("clean", "blurred", "reversed", "shuffled")}
+    # time reversal keeps every frame (and, with the trail, still shows motion) but moves each
+    # object against its lane's direction: a video metric must see it
+    assert values["reversed"] > 1.8 * values["clean"], values  # type: ignore[operator]
+    assert values["shuffled"] > 5 * values["clean"], values  # type: ignore[operator]
     assert values["blurred"] > 5 * values["clean"], values  # type: ignore[operator]
 
 

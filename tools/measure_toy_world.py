@@ -45,6 +45,8 @@ HEADS = ("shape", "color", "direction")
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", type=Path, default=None, help="STDiT3 folder to measure (default: the bundled one)")
+    parser.add_argument("--classifier", type=Path, default=None,
+                        help="toy classifier folder (default: the bundled one)")
     parser.add_argument("--out", type=Path, default=Path("docs/toy_world.md"))
     parser.add_argument("--json", type=Path, default=Path("docs/toy_world.json"))
     parser.add_argument("--strip", type=Path, default=Path("docs/toy_world_samples.png"))
@@ -110,7 +112,7 @@ def cycle(captions: Sequence[Caption], count: int) -> list[Caption]:
 def measure(args: argparse.Namespace) -> dict:
     """Run every measurement; returns the JSON record."""
     started = time.perf_counter()
-    model, classifier = load_toy_stdit3(args.model), load_toy_classifier()
+    model, classifier = load_toy_stdit3(args.model), load_toy_classifier(args.classifier)
     held = [c for c in held_out_captions() for _ in range(args.held_out_seeds)]
     train = [c for c in train_captions() for _ in range(args.train_seeds)]
     held_videos = sample(model, held, 10_000, args.batch_size)
