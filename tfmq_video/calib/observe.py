@@ -7,11 +7,52 @@ init method (min-max, percentile or MSE search).
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
 import torch
+from torch import nn
 from tqdm.auto import tqdm
 
 from tfmq_video.calib.recorder import CalibrationSet
 from tfmq_video.quant.model import QuantizedModel
+
+
+@dataclass
+class LayerIO:
+    """What :func:`recording_layer_io` saw: the layers in the order they first ran, and every
+    input (first positional argument) and output of each, one entry per call, detached."""
+
+    order: list[str] = field(default_factory=list)
+    inputs: dict[str, list[torch.Tensor]] = field(default_factory=dict)
+    outputs: dict[str, list[torch.Tensor]] = field(default_factory=dict)
+
+    def calls(self, name: str) -> int:
+        """How many times ``name`` ran."""
+        return len(self.inputs.get(name, ()))
+
+
+@contextmanager
+def recording_layer_io(model: nn.Module, names: Sequence[str]) -> Iterator[LayerIO]:
+    """Record the inputs and outputs of the submodules ``names`` while the block runs."""
+    seen = LayerIO()
+
+    def hook(name: str) -> Callable[[nn.Module, tuple, torch.Tensor], None]:
+        def record(_: nn.Module, args: tuple, output: torch.Tensor) -> None:
+            if name not in seen.inputs:
+                seen.order.append(name)
+            seen.inputs.setdefault(name, []).append(args[0].detach())
+            seen.outputs.setdefault(name, []).append(output.detach())
+
+        return record
+
+    handles = [model.get_submodule(name).register_forward_hook(hook(name)) for name in names]
+    try:
+        yield seen
+    finally:
+        for handle in handles:
+            handle.remove()
 
 
 def observe_activations(qmodel: QuantizedModel, calibration: CalibrationSet, progress: bool = False) -> None:

@@ -22,6 +22,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from dit_adapters.base import BlockBatch, DiTAdapter
+from tfmq_video.calib.observe import recording_layer_io
 from tfmq_video.calib.optimize import RoundingSchedule, optimize_rounding, relative_error
 from tfmq_video.calib.recorder import CalibrationSet
 from tfmq_video.quant.config import RecipeConfig
@@ -60,38 +61,20 @@ def capture_embed_io(
 ) -> tuple[list[str], dict[str, torch.Tensor], dict[str, torch.Tensor], torch.Tensor]:
     """Inputs and outputs of the layers ``names`` over every recorded call's embedding (rows of
     all calls stacked): the layers in execution order, inputs, outputs and each row's step."""
-    order: list[str] = []
-    inputs: dict[str, list[torch.Tensor]] = {}
-    outputs: dict[str, list[torch.Tensor]] = {}
-
-    def hook(name: str) -> Callable[[nn.Module, tuple, torch.Tensor], None]:
-        def record(_: nn.Module, args: tuple, output: torch.Tensor) -> None:
-            if name not in inputs:
-                order.append(name)
-            inputs.setdefault(name, []).append(args[0].detach())
-            outputs.setdefault(name, []).append(output.detach())
-
-        return record
-
-    handles = [model.get_submodule(name).register_forward_hook(hook(name)) for name in names]
     steps = []
-    try:
-        with torch.no_grad():
-            for call in calibration.calls:
-                if context is not None:
-                    context.set_index(call.step)
-                adapter.embed(model, call.args, call.kwargs)
-                steps.append(torch.full((len(call.args[0]),), call.step, dtype=torch.long))
-    finally:
-        for handle in handles:
-            handle.remove()
+    with recording_layer_io(model, names) as seen, torch.no_grad():
+        for call in calibration.calls:
+            if context is not None:
+                context.set_index(call.step)
+            adapter.embed(model, call.args, call.kwargs)
+            steps.append(torch.full((len(call.args[0]),), call.step, dtype=torch.long))
     rows = torch.cat(steps)
-    for name in order:
-        if len(inputs[name]) != len(calibration.calls) or sum(len(t) for t in inputs[name]) != len(rows):
+    for name in seen.order:
+        if seen.calls(name) != len(calibration.calls) or sum(len(t) for t in seen.inputs[name]) != len(rows):
             raise RuntimeError(f"embedding layer {name} does not run once per sample and call: it cannot be "
                                "reconstructed layer by layer")
-    return (order, {k: torch.cat(v) for k, v in inputs.items()}, {k: torch.cat(v) for k, v in outputs.items()},
-            rows)
+    return (seen.order, {k: torch.cat(v) for k, v in seen.inputs.items()},
+            {k: torch.cat(v) for k, v in seen.outputs.items()}, rows)
 
 
 def reconstruct_embeddings(

@@ -24,6 +24,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
+from tfmq_video.calib.observe import recording_layer_io
 from tfmq_video.calib.optimize import RoundingSchedule, optimize_rounding, relative_error
 from tfmq_video.calib.tib import TemporalInformationBlock
 from tfmq_video.quant.config import TIBConfig
@@ -58,30 +59,15 @@ def capture_layer_io(
 ) -> tuple[list[str], dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """One TIB pass (no gradients): the layers of ``names`` that ran, in execution order, and
     their inputs and outputs over the calibrated timesteps (``qmodel``: rows use their step)."""
-    order: list[str] = []
-    inputs: dict[str, torch.Tensor] = {}
-    outputs: dict[str, torch.Tensor] = {}
-
-    def hook(name: str) -> Callable[[nn.Module, tuple, torch.Tensor], None]:
-        def record(_: nn.Module, args: tuple, output: torch.Tensor) -> None:
-            if name in inputs:
-                raise RuntimeError(
-                    f"TIB layer {name} runs more than once per pass: layer-wise "
-                    "reconstruction needs one input per layer"
-                )
-            order.append(name)
-            inputs[name], outputs[name] = args[0].detach(), output.detach()
-
-        return record
-
-    handles = [model.get_submodule(name).register_forward_hook(hook(name)) for name in names]
-    try:
-        with torch.no_grad():
-            tib.features(model, qmodel)
-    finally:
-        for handle in handles:
-            handle.remove()
-    return order, inputs, outputs
+    with recording_layer_io(model, names) as seen, torch.no_grad():
+        tib.features(model, qmodel)
+    for name in seen.order:
+        if seen.calls(name) > 1:
+            raise RuntimeError(
+                f"TIB layer {name} runs more than once per pass: layer-wise "
+                "reconstruction needs one input per layer"
+            )
+    return seen.order, {k: v[0] for k, v in seen.inputs.items()}, {k: v[0] for k, v in seen.outputs.items()}
 
 
 def layer_output_loss(

@@ -12,6 +12,10 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from tfmq_video.quant.model import QuantizedModel
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -20,12 +24,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", type=Path, required=True, help="output folder of the packed checkpoint")
 
 
-def export_and_report(qmodel: object, out: Path) -> dict:
+def export_and_report(qmodel: QuantizedModel, out: Path) -> dict:
     """Export ``qmodel``, reload the result (hashes, shapes) and return its size summary."""
     from tfmq_video.export import load_quantized, weight_bytes_report
     from tfmq_video.export.calibrated import export_calibrated
 
-    folder = export_calibrated(qmodel, out)  # type: ignore[arg-type]
+    folder = export_calibrated(qmodel, out)
     report = weight_bytes_report(load_quantized(folder, backend="reference", compile=False), folder)
     return {"out": str(folder), **{k: round(v, 3) if isinstance(v, float) else v for k, v in report.items()}}
 
