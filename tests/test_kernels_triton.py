@@ -120,13 +120,33 @@ def test_layernorm_modulate_quant(kernels, dtype: torch.dtype) -> None:
     assert (codes.int() - ref_codes.int()).abs().max() <= 1
 
 
+@in_process
+@pytest.mark.parametrize("bits,signed", [(8, False), (8, True), (6, True)])
+def test_layernorm_modulate_quant_static(kernels, bits: int, signed: bool) -> None:
+    from tfmq_video.quant.affine import IntRange, int8_offset
+
+    aq = kernels["act_quant"]
+    grid = IntRange(bits, signed=signed)
+    x = randn_with_outliers(2, 13, 72, seed=6)
+    shift = randn_with_outliers(1, 1, 72, seed=7)  # one modulation row broadcast over the batch
+    scale = randn_with_outliers(1, 1, 72, seed=8) * 0.1
+    act_scale, act_zero = torch.tensor(0.21, device=DEVICE), torch.tensor(3.0 if signed else 130.0, device=DEVICE)
+    args = (x, shift, scale, 1e-6, act_scale, act_zero, grid.qmin, grid.qmax, int8_offset(grid))
+    codes = aq.layernorm_modulate_quant_static(*args)
+    ref = aq.layernorm_modulate_quant_static_ref(*args)
+    assert codes.shape == (26, 72) and codes.dtype == torch.int8
+    assert (codes.int() - ref.int()).abs().max() <= 1
+    assert int(codes.min()) == grid.qmin - int8_offset(grid)  # the outliers reach the clamp
+
+
 # --------------------------------------------------------------------------- GEMMs
 
 
 @in_process
 @pytest.mark.parametrize("zeros", [False, True], ids=["symmetric", "zero-points"])
 @pytest.mark.parametrize("out_dtype", [torch.float16, torch.float32])
-def test_w8a8_gemm(kernels, zeros: bool, out_dtype: torch.dtype) -> None:
+@pytest.mark.parametrize("tiles", [{}, {"block_m": 16, "block_n": 32, "block_k": 32}], ids=["default-tiles", "small-tiles"])
+def test_w8a8_gemm(kernels, zeros: bool, out_dtype: torch.dtype, tiles: dict) -> None:
     gemm = kernels["w8a8_gemm"]
     M, K, N = 37, 100, 70
     x, w = randint8(M, K, seed=1), randint8(N, K, seed=2)
@@ -135,7 +155,7 @@ def test_w8a8_gemm(kernels, zeros: bool, out_dtype: torch.dtype) -> None:
     bias = randn_with_outliers(N, seed=3)
     x_zero = torch.randint(-9, 9, (M, 1), device=DEVICE).float() if zeros else None
     w_zero = torch.randint(-5, 5, (N, 1), device=DEVICE).float() if zeros else None
-    out = gemm.w8a8_gemm(x, x_scale, w, w_scale, bias, x_zero, w_zero, out_dtype=out_dtype)
+    out = gemm.w8a8_gemm(x, x_scale, w, w_scale, bias, x_zero, w_zero, out_dtype=out_dtype, **tiles)
     ref = gemm.w8a8_gemm_ref(x, x_scale, w, w_scale, bias, x_zero, w_zero)
     assert out.dtype == out_dtype
     assert_close_rel(out, ref, 1e-3 if out_dtype == torch.float16 else 1e-6)
@@ -145,8 +165,9 @@ def test_w8a8_gemm(kernels, zeros: bool, out_dtype: torch.dtype) -> None:
     "signed,groups,zeros", [(True, 1, False), (False, 1, True), (True, 4, False), (False, 4, True)],
     ids=["signed-channel", "unsigned-channel", "signed-group", "unsigned-group"],
 )
+@pytest.mark.parametrize("tiles", [{}, {"block_m": 16, "block_n": 32, "half_k": 16}], ids=["default-tiles", "small-tiles"])
 @in_process
-def test_w4a8_gemm(kernels, signed: bool, groups: int, zeros: bool) -> None:
+def test_w4a8_gemm(kernels, signed: bool, groups: int, zeros: bool, tiles: dict) -> None:
     from tfmq_video.export.packing import pack_int4
 
     gemm = kernels["w4a8_gemm"]
@@ -160,9 +181,25 @@ def test_w4a8_gemm(kernels, signed: bool, groups: int, zeros: bool) -> None:
     w_zero = torch.randint(0, 15, (N, groups), device=DEVICE).float() if zeros else None
     x_zero = torch.randint(-9, 9, (M, 1), device=DEVICE).float() if zeros else None
     bias = randn_with_outliers(N, seed=7)
-    out = gemm.w4a8_gemm(x, x_scale, packed, K, signed, w_scale, bias, x_zero, w_zero, out_dtype=torch.float32)
+    out = gemm.w4a8_gemm(x, x_scale, packed, K, signed, w_scale, bias, x_zero, w_zero, out_dtype=torch.float32,
+                         **tiles)
     ref = gemm.w4a8_gemm_ref(x, x_scale, packed, K, signed, w_scale, bias, x_zero, w_zero)
     assert_close_rel(out, ref, 1e-6)
+
+
+def test_gemm_autotune_configs() -> None:
+    """On a GPU the GEMMs autotune over valid tiles; the interpreter (and any caller that fixes a
+    tile) runs the fixed tiles, since it cannot time kernels."""
+    from tfmq_video.kernels._triton import gemm_configs, interpreting, use_autotune
+
+    configs = gemm_configs("BLOCK_K", (64, 128))
+    assert len(configs) == 14
+    for config in configs:
+        sizes = config.kwargs
+        assert set(sizes) == {"BLOCK_M", "BLOCK_N", "BLOCK_K"}
+        assert all(size >= 16 and size & (size - 1) == 0 for size in sizes.values())  # tl.dot: powers of 2, >= 16
+    assert not use_autotune(64, None, None)
+    assert use_autotune(None, None, None) == (not interpreting())
 
 
 # --------------------------------------------------------------------------- attention
@@ -203,6 +240,45 @@ def test_int8_attention_key_padding_mask(kernels) -> None:
 
 
 @in_process
+@pytest.mark.parametrize("mode", ["dynamic_per_token", "static", "per_timestep"])
+@pytest.mark.parametrize("bits", [8, 4])
+def test_quant_linear_fused_norm_modulate_input(kernels, mode: str, bits: int) -> None:
+    from torch import nn
+
+    from dit_adapters.fused import modulate, norm_modulate_linear
+    from tfmq_video.export.rtn import RTNConfig, rtn_linear_record
+    from tfmq_video.quant.context import TimestepContext
+    from tfmq_video.quant.records import ActivationRecord
+    from tfmq_video.runtime.linear import QuantLinear
+
+    torch.manual_seed(0)
+    if mode == "dynamic_per_token":
+        activation = ActivationRecord(mode=mode, bits=8, signed=True)
+    elif mode == "static":  # unsigned 8-bit codes with a zero point: the int8 shift and the correction term
+        activation = ActivationRecord(mode=mode, bits=8, signed=False, scale=torch.tensor(0.03),
+                                      zero_point=torch.tensor(131.0))
+    else:  # one (scale, zero point) per calibrated step; step 1 is used below
+        activation = ActivationRecord(mode=mode, bits=8, signed=False, scale=torch.tensor([0.01, 0.03, 0.02]),
+                                      zero_point=torch.tensor([120.0, 131.0, 128.0]))
+    context = TimestepContext([900.0, 500.0, 100.0]) if mode == "per_timestep" else None
+    record = rtn_linear_record("l", nn.Linear(72, 40), RTNConfig(weight_bits=bits), activation)
+    layer = QuantLinear(record, context=context, backend="reference").to(DEVICE)
+    if context is not None:
+        context.set_timestep(torch.tensor([500.0]))
+    norm = nn.LayerNorm(72, eps=1e-6, elementwise_affine=False)
+    x = randn_with_outliers(2, 11, 72, seed=10)
+    shift = randn_with_outliers(2, 1, 72, seed=11) * 0.1
+    scale = randn_with_outliers(2, 1, 72, seed=12) * 0.05
+    ref = layer(modulate(norm(x), shift, scale))
+    assert not layer.fuses_norm_modulate()  # the reference backend takes the plain path
+    assert layer.set_backend("triton") == "triton"
+    assert layer.fuses_norm_modulate()
+    out = norm_modulate_linear(norm, layer, x, shift, scale)
+    assert out.shape == (2, 11, 40)
+    assert_close_rel(out, ref, 1e-2)  # codes may differ by one at rounding ties
+
+
+@in_process
 @pytest.mark.parametrize("bits,group", [(8, None), (4, None), (4, 16)])
 def test_quant_linear_triton_matches_reference(kernels, bits: int, group: int | None) -> None:
     from torch import nn
@@ -218,3 +294,35 @@ def test_quant_linear_triton_matches_reference(kernels, bits: int, group: int | 
     ref = layer(x)
     assert layer.set_backend("triton") == "triton"
     assert_close_rel(layer(x), ref, 1e-2)  # per-token codes may differ by one at rounding ties
+
+
+@in_process
+@pytest.mark.parametrize("bits", [8, 4])
+def test_stdit3_on_triton_uses_the_fused_block_inputs(kernels, bits: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A whole tiny STDiT3 on the triton backend: every LayerNorm -> modulate -> Linear site (qkv,
+    fc1 of each block, the final layer) takes the fused kernel, and the output matches the reference."""
+    from tfmq_video.calib.testing import tiny_model_inputs, tiny_stdit3
+    from tfmq_video.export import RTNConfig, rtn_records
+    from tfmq_video.runtime import build_runtime_model
+    from tfmq_video.runtime.linear import QuantLinear
+
+    fused_calls: list[str] = []
+    real = QuantLinear.forward_norm_modulate
+
+    def counted(self: QuantLinear, *args: object) -> torch.Tensor:
+        fused_calls.append(self.name)
+        return real(self, *args)
+
+    monkeypatch.setattr(QuantLinear, "forward_norm_modulate", counted)
+    records = rtn_records(tiny_stdit3(), RTNConfig(weight_bits=bits, include=("spatial_blocks.*", "temporal_blocks.*", "final_layer.linear")))
+    inputs = {k: v.to(DEVICE) for k, v in tiny_model_inputs().items()}
+    with torch.no_grad():
+        reference = build_runtime_model(tiny_stdit3(), records, backend="reference", attention="fp", compile=False)
+        expected = reference.to(DEVICE)(**inputs)
+        assert not fused_calls
+        triton_model = build_runtime_model(tiny_stdit3(), records, backend="triton", attention="fp", compile=False)
+        out = triton_model.to(DEVICE)(**inputs)
+    sites = {r.name for r in records if r.name.endswith(("attn.qkv", "mlp.fc1", "final_layer.linear"))}
+    assert len(sites) == 5  # one spatial and one temporal block: qkv and fc1 each, plus the final layer
+    assert set(fused_calls) == sites
+    assert_close_rel(out, expected, 2e-2)

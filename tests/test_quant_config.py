@@ -64,3 +64,10 @@ def test_method_recipes_override_bits_and_reject_unknown_methods() -> None:
         method_recipe("gptq", 4, 8)
     with pytest.raises(ConfigError, match="unsupported bit width"):
         method_recipe("tfmq", 3, 12)
+
+
+@pytest.mark.parametrize("abits", [4, 6, 8])
+def test_cache_is_8_bit_unless_set(abits: int) -> None:
+    # The cache stores int8 codes whatever the activation bits; only tib.cache_bits lowers it.
+    assert method_recipe("tfmq", 4, abits).cache_bits() == 8
+    assert parse_config({"quant": {"activation": {"bits": abits}}, "tib": {"cache_bits": 4}}).cache_bits() == 4

@@ -25,6 +25,8 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
+from dit_adapters.fused import norm_modulate_linear
+
 # Keys of an upstream ``config.json`` that describe transformers/HF bookkeeping or
 # upstream-only performance switches; they are accepted and ignored.
 IGNORED_CONFIG_KEYS = frozenset(
@@ -124,11 +126,6 @@ class STDiT3Config:
 # --------------------------------------------------------------------------- helpers
 
 
-def t2i_modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """adaLN modulation used throughout PixArt/Open-Sora: ``x * (1 + scale) + shift``."""
-    return x * (1 + scale) + shift
-
-
 def sinusoidal_embedding(values: torch.Tensor, dim: int = 256, max_period: float = 10000.0) -> torch.Tensor:
     """(M,) scalars -> (M, dim) embedding, cosine half first (upstream ``timestep_embedding``)."""
     half = dim // 2
@@ -221,7 +218,11 @@ class Mlp(nn.Module):
         self.fc2 = nn.Linear(hidden_features, out_features or in_features)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(self.act(self.fc1(x)))
+        return self.after_fc1(self.fc1(x))
+
+    def after_fc1(self, hidden: torch.Tensor) -> torch.Tensor:
+        """GELU and fc2 on fc1's output (blocks call fc1 themselves, see ``norm_modulate_linear``)."""
+        return self.fc2(self.act(hidden))
 
 
 # --------------------------------------------------------------------------- embedders
@@ -303,8 +304,11 @@ class SelfAttention(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(B', n, C) -> (B', n, C) where n is the attended axis (patches or frames)."""
-        qkv = rearrange(self.qkv(x), "B n (three h d) -> three B h n d", three=3, h=self.num_heads)
-        q, k, v = qkv.unbind(0)
+        return self.attend(self.qkv(x))
+
+    def attend(self, qkv: torch.Tensor) -> torch.Tensor:
+        """Attention and output projection from the projected (B', n, 3C) ``qkv``."""
+        q, k, v = rearrange(qkv, "B n (three h d) -> three B h n d", three=3, h=self.num_heads).unbind(0)
         q, k = self.q_norm(q), self.k_norm(k)
         if self._rope:
             q = self._rope[0].rotate_queries_or_keys(q)
@@ -369,19 +373,21 @@ class STDiT3Block(nn.Module):
         modulation = self.scale_shift_table[None] + t_mlp.reshape(B, 6, -1)  # (B, 6, C)
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = modulation.chunk(6, dim=1)
 
-        x_m = t2i_modulate(self.norm1(x), shift_msa, scale_msa)
+        # qkv is applied per token, so it runs before the tokens are grouped by frame or by patch
+        # position: the block input site stays LayerNorm -> modulate -> Linear, fusable as one.
+        qkv = norm_modulate_linear(self.norm1, self.attn.qkv, x, shift_msa, scale_msa)  # (B, T*S, 3C)
         if self.temporal:  # attend over the T frames of each patch position
-            x_m = rearrange(x_m, "B (T S) C -> (B S) T C", T=T, S=S)
-            x_m = rearrange(self.attn(x_m), "(B S) T C -> B (T S) C", T=T, S=S)
+            qkv = rearrange(qkv, "B (T S) C -> (B S) T C", T=T, S=S)
+            x_m = rearrange(self.attn.attend(qkv), "(B S) T C -> B (T S) C", T=T, S=S)
         else:  # attend over the S patches of each frame
-            x_m = rearrange(x_m, "B (T S) C -> (B T) S C", T=T, S=S)
-            x_m = rearrange(self.attn(x_m), "(B T) S C -> B (T S) C", T=T, S=S)
+            qkv = rearrange(qkv, "B (T S) C -> (B T) S C", T=T, S=S)
+            x_m = rearrange(self.attn.attend(qkv), "(B T) S C -> B (T S) C", T=T, S=S)
         x = x + gate_msa * x_m
 
         x = x + self.cross_attn(x, y, y_mask)
 
-        x_m = t2i_modulate(self.norm2(x), shift_mlp, scale_mlp)
-        return x + gate_mlp * self.mlp(x_m)
+        hidden = norm_modulate_linear(self.norm2, self.mlp.fc1, x, shift_mlp, scale_mlp)
+        return x + gate_mlp * self.mlp.after_fc1(hidden)
 
 
 class T2IFinalLayer(nn.Module):
@@ -395,7 +401,7 @@ class T2IFinalLayer(nn.Module):
 
     def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         shift, scale = (self.scale_shift_table[None] + t[:, None]).chunk(2, dim=1)
-        return self.linear(t2i_modulate(self.norm_final(x), shift, scale))
+        return norm_modulate_linear(self.norm_final, self.linear, x, shift, scale)
 
 
 # --------------------------------------------------------------------------- model

@@ -30,3 +30,29 @@ def require_triton() -> None:
     """Raise a clear error when a Triton launcher is called without triton installed."""
     if not HAS_TRITON:
         raise ConfigError(f"this kernel needs triton ({TRITON_IMPORT_ERROR}); pip install 'tfmq-video[kernels]'")
+
+
+# (BLOCK_M, BLOCK_N, num_warps, num_stages) of the integer GEMM tiles tried by the GPU autotuner:
+# the large tiles feed the int8 tensor cores at long token counts, the small ones keep every SM
+# busy when M or N is small.
+GEMM_TILES: tuple[tuple[int, int, int, int], ...] = (
+    (128, 256, 8, 3), (256, 128, 8, 3), (128, 128, 8, 3), (128, 128, 4, 4),
+    (128, 64, 4, 4), (64, 128, 4, 4), (64, 64, 4, 4),
+)
+
+
+def gemm_configs(k_name: str, k_values: tuple[int, ...]) -> list:
+    """``triton.Config`` list over :data:`GEMM_TILES` x ``k_values`` of the K-step parameter ``k_name``."""
+    import triton
+
+    return [
+        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, k_name: k}, num_warps=warps, num_stages=stages)
+        for bm, bn, warps, stages in GEMM_TILES
+        for k in k_values
+    ]
+
+
+def use_autotune(*block_sizes: int | None) -> bool:
+    """Autotune the tiles when the caller fixed none of them and the kernel runs on a GPU (the
+    interpreter cannot time kernels: it runs the default tiles)."""
+    return all(size is None for size in block_sizes) and not interpreting()

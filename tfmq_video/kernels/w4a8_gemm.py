@@ -15,7 +15,7 @@ import torch
 
 from tfmq_video.errors import ConfigError
 from tfmq_video.export.packing import unpack_int4
-from tfmq_video.kernels._triton import HAS_TRITON, require_triton
+from tfmq_video.kernels._triton import HAS_TRITON, gemm_configs, require_triton, use_autotune
 from tfmq_video.kernels.intmath import int_linear_ref, weight_correction
 
 
@@ -94,16 +94,20 @@ if HAS_TRITON:
         mask = (rm[:, None] < M) & (rn[None, :] < N)
         tl.store(out_ptr + rm[:, None] * N + rn[None, :], out.to(out_ptr.dtype.element_ty), mask=mask)
 
+    _w4a8_tuned = triton.autotune(configs=gemm_configs("HALF_K", (32, 64)), key=["M", "N", "K"])(_w4a8_kernel)
+
 
 def w4a8_gemm(
     x_codes: torch.Tensor, x_scale: torch.Tensor, w_packed: torch.Tensor, in_features: int, w_signed: bool,
     w_scale: torch.Tensor, bias: torch.Tensor | None = None, x_zero: torch.Tensor | None = None,
     w_zero: torch.Tensor | None = None, correction: torch.Tensor | None = None,
-    out_dtype: torch.dtype = torch.float16, block_m: int = 64, block_n: int = 64, half_k: int = 32,
+    out_dtype: torch.dtype = torch.float16, block_m: int | None = None, block_n: int | None = None,
+    half_k: int | None = None,
 ) -> torch.Tensor:
     """Triton W4A8 linear: int8 (M, K) codes x packed int4 (N, ceil(K/2)) -> (M, N) ``out_dtype``.
 
     ``w_scale``/``w_zero``: (N, G) with G = 1 (per channel) or K / group_size (even group sizes).
+    Tiles: autotuned per (M, N, K) on a GPU unless given; 64 x 64, K steps of 2 x 32 in the interpreter.
     """
     require_triton()
     M, K = x_codes.shape
@@ -118,15 +122,20 @@ def w4a8_gemm(
         codes = unpack_int4(w_packed, in_features, w_signed)
         correction = weight_correction(codes, w_scale, w_zero if w_zero is not None else torch.zeros_like(w_scale))
     dummy = w_scale
-    grid = (triton.cdiv(M, block_m), triton.cdiv(N, block_n))
-    _w4a8_kernel[grid](
+    args = (
         x_codes.contiguous(), w_packed.contiguous(), x_scale.reshape(-1).float().contiguous(),
         dummy if x_zero is None else x_zero.reshape(-1).float().contiguous(),
         w_scale.float().contiguous(), dummy if w_zero is None else w_zero.float().contiguous(),
         dummy if correction is None else correction.float().contiguous(),
         dummy if bias is None else bias.contiguous(), out,
         M, N, K, w_packed.shape[1], group_len, groups,
-        SIGNED=w_signed, HAS_BIAS=bias is not None, HAS_XZERO=x_zero is not None, HAS_WZERO=w_zero is not None,
-        BLOCK_M=block_m, BLOCK_N=block_n, HALF_K=half_k,
     )
+    flags = {"SIGNED": w_signed, "HAS_BIAS": bias is not None, "HAS_XZERO": x_zero is not None,
+             "HAS_WZERO": w_zero is not None}
+    if use_autotune(block_m, block_n, half_k):
+        _w4a8_tuned[lambda meta: (triton.cdiv(M, meta["BLOCK_M"]), triton.cdiv(N, meta["BLOCK_N"]))](*args, **flags)
+    else:
+        block_m, block_n, half_k = block_m or 64, block_n or 64, half_k or 32
+        grid = (triton.cdiv(M, block_m), triton.cdiv(N, block_n))
+        _w4a8_kernel[grid](*args, **flags, BLOCK_M=block_m, BLOCK_N=block_n, HALF_K=half_k)
     return out

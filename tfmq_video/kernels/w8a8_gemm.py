@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from tfmq_video.kernels._triton import HAS_TRITON, require_triton
+from tfmq_video.kernels._triton import HAS_TRITON, gemm_configs, require_triton, use_autotune
 from tfmq_video.kernels.intmath import int_linear_ref, weight_correction
 
 # --------------------------------------------------------------------------- reference
@@ -67,17 +67,20 @@ if HAS_TRITON:
         mask = (rm[:, None] < M) & (rn[None, :] < N)
         tl.store(out_ptr + rm[:, None] * N + rn[None, :], out.to(out_ptr.dtype.element_ty), mask=mask)
 
+    _w8a8_tuned = triton.autotune(configs=gemm_configs("BLOCK_K", (64, 128)), key=["M", "N", "K"])(_w8a8_kernel)
+
 
 def w8a8_gemm(
     x_codes: torch.Tensor, x_scale: torch.Tensor, w_codes: torch.Tensor, w_scale: torch.Tensor,
     bias: torch.Tensor | None = None, x_zero: torch.Tensor | None = None, w_zero: torch.Tensor | None = None,
     correction: torch.Tensor | None = None, out_dtype: torch.dtype = torch.float16,
-    block_m: int = 64, block_n: int = 64, block_k: int = 64,
+    block_m: int | None = None, block_n: int | None = None, block_k: int | None = None,
 ) -> torch.Tensor:
     """Triton W8A8 linear: int8 (M, K) codes x int8 (N, K) per-channel codes -> (M, N) ``out_dtype``.
 
     ``x_scale``/``x_zero`` (M, 1) per token (a static scale is expanded by the caller);
     ``w_scale``/``w_zero`` (N, 1); ``correction`` is :func:`weight_correction` (needed with ``x_zero``).
+    Tiles: autotuned per (M, N, K) on a GPU unless given; 64 x 64 x 64 in the interpreter.
     """
     require_triton()
     M, K = x_codes.shape
@@ -86,15 +89,19 @@ def w8a8_gemm(
     if x_zero is not None and correction is None:
         correction = weight_correction(w_codes, w_scale, w_zero if w_zero is not None else torch.zeros_like(w_scale))
     dummy = w_scale
-    grid = (triton.cdiv(M, block_m), triton.cdiv(N, block_n))
-    _w8a8_kernel[grid](
+    args = (
         x_codes.contiguous(), w_codes.contiguous(), x_scale.reshape(-1).float().contiguous(),
         dummy if x_zero is None else x_zero.reshape(-1).float().contiguous(),
         w_scale.reshape(-1).float().contiguous(),
         dummy if w_zero is None else w_zero.reshape(-1).float().contiguous(),
         dummy if correction is None else correction.float().contiguous(),
         dummy if bias is None else bias.contiguous(), out, M, N, K,
-        HAS_BIAS=bias is not None, HAS_XZERO=x_zero is not None, HAS_WZERO=w_zero is not None,
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
     )
+    flags = {"HAS_BIAS": bias is not None, "HAS_XZERO": x_zero is not None, "HAS_WZERO": w_zero is not None}
+    if use_autotune(block_m, block_n, block_k):
+        _w8a8_tuned[lambda meta: (triton.cdiv(M, meta["BLOCK_M"]), triton.cdiv(N, meta["BLOCK_N"]))](*args, **flags)
+    else:
+        block_m, block_n, block_k = block_m or 64, block_n or 64, block_k or 64
+        grid = (triton.cdiv(M, block_m), triton.cdiv(N, block_n))
+        _w8a8_kernel[grid](*args, **flags, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k)
     return out

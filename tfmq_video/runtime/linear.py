@@ -351,7 +351,7 @@ class QuantLinear(nn.Module):
         return out if self.bias is None else out + self.bias
 
     def _forward_triton(self, x2d: torch.Tensor) -> torch.Tensor:
-        from tfmq_video.kernels import act_quant, w4a8_gemm, w8a8_gemm
+        from tfmq_video.kernels import act_quant
 
         if self.activation.mode == "dynamic_per_token" and self.act_grid.signed and self.act_grid.bits == 8:
             codes, x_scale = act_quant.per_token_quant(x2d)
@@ -360,8 +360,16 @@ class QuantLinear(nn.Module):
             codes, x_scale, x_zero = self.quantize_input(x2d)
             x_scale = x_scale.expand(codes.shape[0], 1)
             x_zero = None if x_zero is None else x_zero.expand(codes.shape[0], 1)
+        return self._triton_gemm(codes, x_scale, x_zero, x2d.dtype)
+
+    def _triton_gemm(
+        self, codes: torch.Tensor, x_scale: torch.Tensor, x_zero: torch.Tensor | None, in_dtype: torch.dtype
+    ) -> torch.Tensor:
+        """The W8A8/W4A8 Triton GEMM on int8 input codes (M, K) with per-row scales and zero points."""
+        from tfmq_video.kernels import w4a8_gemm, w8a8_gemm
+
         _, _, w_zero = self._integer_weight()
-        out_dtype = x2d.dtype if x2d.dtype in (torch.float16, torch.float32, torch.bfloat16) else torch.float32
+        out_dtype = in_dtype if in_dtype in (torch.float16, torch.float32, torch.bfloat16) else torch.float32
         common = {"bias": self.bias, "x_zero": x_zero, "correction": self._cache["correction"], "out_dtype": out_dtype}
         if self.weight_grid.bits == 4:
             return w4a8_gemm.w4a8_gemm(
@@ -374,6 +382,42 @@ class QuantLinear(nn.Module):
             codes, x_scale, w_codes, self.weight_scale,
             w_zero=None if w_zero is None else self.weight_zero_point - offset, **common,
         )
+
+    # ------------------------------------------------------------------ fused block input
+    def fuses_norm_modulate(self) -> bool:
+        """Whether :meth:`forward_norm_modulate` runs the fused Triton kernel: the triton backend, and
+        activations that are static / per timestep, or dynamic per token on the signed 8-bit grid."""
+        if self.backend != "triton":
+            return False
+        mode, grid = self.activation.mode, self.act_grid
+        return mode in ("static", "per_timestep") or (mode == "dynamic_per_token" and grid.signed and grid.bits == 8)
+
+    def forward_norm_modulate(
+        self, x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float
+    ) -> torch.Tensor:
+        """``self(LayerNorm(x) * (1 + scale) + shift)`` with the norm, the modulation and the
+        activation quantization in one Triton pass (see :mod:`dit_adapters.fused`); x (B, L, C),
+        shift/scale (B or 1, 1, C). Call it only when :meth:`fuses_norm_modulate` is true."""
+        from tfmq_video.kernels import act_quant
+
+        if not self.fuses_norm_modulate():
+            raise ConfigError(f"{self.name}: the fused LayerNorm + modulate input needs the triton backend "
+                              f"and 8-bit dynamic or static activations (backend {self.backend}, "
+                              f"activation {self.activation.mode} {self.act_grid.bits}-bit)")
+        batch, length, _ = x.shape
+        if self.activation.mode == "dynamic_per_token":
+            codes, x_scale = act_quant.layernorm_modulate_quant(x, shift, scale, eps)
+            x_zero = None
+        else:
+            grid, offset = self.act_grid, int8_offset(self.act_grid)
+            act_scale, act_zero = self._static_params()
+            codes = act_quant.layernorm_modulate_quant_static(
+                x, shift, scale, eps, act_scale, act_zero, grid.qmin, grid.qmax, offset)
+            x_scale = act_scale.reshape(1, 1).float().expand(codes.shape[0], 1)
+            shifted = self._cache.get("act_zero_shifted", True)
+            x_zero = (act_zero - offset).reshape(1, 1).float().expand(codes.shape[0], 1) if shifted else None
+        out = self._triton_gemm(codes, x_scale, x_zero, x.dtype)
+        return out.to(x.dtype).reshape(batch, length, self.out_features)
 
     def extra_repr(self) -> str:
         act = self.activation
