@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+from typing import Any
 
 from tfmq_video.errors import ConfigError
 
@@ -56,3 +57,19 @@ def use_autotune(*block_sizes: int | None) -> bool:
     """Autotune the tiles when the caller fixed none of them and the kernel runs on a GPU (the
     interpreter cannot time kernels: it runs the default tiles)."""
     return all(size is None for size in block_sizes) and not interpreting()
+
+
+def launch_gemm(
+    plain: Any, tuned: Any, M: int, N: int, args: tuple, flags: dict[str, Any],
+    block_m: int | None, block_n: int | None, k_name: str, k_step: int | None, default_k: int,
+) -> None:
+    """Launch an integer GEMM kernel over (M, N) output tiles: ``tuned`` (its autotuned form) when
+    :func:`use_autotune` says so, else ``plain`` with the given tiles (64 x 64 x ``default_k`` if unset)."""
+    import triton
+
+    if use_autotune(block_m, block_n, k_step):
+        tuned[lambda meta: (triton.cdiv(M, meta["BLOCK_M"]), triton.cdiv(N, meta["BLOCK_N"]))](*args, **flags)
+        return
+    block_m, block_n = block_m or 64, block_n or 64
+    grid = (triton.cdiv(M, block_m), triton.cdiv(N, block_n))
+    plain[grid](*args, **flags, BLOCK_M=block_m, BLOCK_N=block_n, **{k_name: k_step or default_k})

@@ -15,7 +15,7 @@ import torch
 
 from tfmq_video.errors import ConfigError
 from tfmq_video.export.packing import unpack_int4
-from tfmq_video.kernels._triton import HAS_TRITON, gemm_configs, require_triton, use_autotune
+from tfmq_video.kernels._triton import HAS_TRITON, gemm_configs, launch_gemm, require_triton
 from tfmq_video.kernels.intmath import int_linear_ref, weight_correction
 
 
@@ -132,10 +132,5 @@ def w4a8_gemm(
     )
     flags = {"SIGNED": w_signed, "HAS_BIAS": bias is not None, "HAS_XZERO": x_zero is not None,
              "HAS_WZERO": w_zero is not None}
-    if use_autotune(block_m, block_n, half_k):
-        _w4a8_tuned[lambda meta: (triton.cdiv(M, meta["BLOCK_M"]), triton.cdiv(N, meta["BLOCK_N"]))](*args, **flags)
-    else:
-        block_m, block_n, half_k = block_m or 64, block_n or 64, half_k or 32
-        grid = (triton.cdiv(M, block_m), triton.cdiv(N, block_n))
-        _w4a8_kernel[grid](*args, **flags, BLOCK_M=block_m, BLOCK_N=block_n, HALF_K=half_k)
+    launch_gemm(_w4a8_kernel, _w4a8_tuned, M, N, args, flags, block_m, block_n, "HALF_K", half_k, 32)
     return out

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from tfmq_video.kernels._triton import HAS_TRITON, gemm_configs, require_triton, use_autotune
+from tfmq_video.kernels._triton import HAS_TRITON, gemm_configs, launch_gemm, require_triton
 from tfmq_video.kernels.intmath import int_linear_ref, weight_correction
 
 # --------------------------------------------------------------------------- reference
@@ -98,10 +98,5 @@ def w8a8_gemm(
         dummy if bias is None else bias.contiguous(), out, M, N, K,
     )
     flags = {"HAS_BIAS": bias is not None, "HAS_XZERO": x_zero is not None, "HAS_WZERO": w_zero is not None}
-    if use_autotune(block_m, block_n, block_k):
-        _w8a8_tuned[lambda meta: (triton.cdiv(M, meta["BLOCK_M"]), triton.cdiv(N, meta["BLOCK_N"]))](*args, **flags)
-    else:
-        block_m, block_n, block_k = block_m or 64, block_n or 64, block_k or 64
-        grid = (triton.cdiv(M, block_m), triton.cdiv(N, block_n))
-        _w8a8_kernel[grid](*args, **flags, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k)
+    launch_gemm(_w8a8_kernel, _w8a8_tuned, M, N, args, flags, block_m, block_n, "BLOCK_K", block_k, 64)
     return out
