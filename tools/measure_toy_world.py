@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from eval_video._files import write_text_atomic
 from eval_video.frechet import frechet_distance_features
 from eval_video.io import make_strip, write_png
 from tfmq_video.toy.classifier import ToyVideoClassifier
@@ -172,17 +173,15 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     args = parse_args()
     record = measure(args)
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(record, indent=2) + "\n")
+    write_text_atomic(args.json, json.dumps(record, indent=2) + "\n")
     table = markdown(record, args)
     print(table)
     marker = "<!-- measured -->"
     if args.out.is_file() and marker in args.out.read_text():
         head = args.out.read_text().split(marker)[0]
-        args.out.write_text(head + marker + "\n" + table + "\n")
+        write_text_atomic(args.out, head + marker + "\n" + table + "\n")
     else:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text("# The toy world\n\n" + marker + "\n" + table + "\n")
+        write_text_atomic(args.out, "# The toy world\n\n" + marker + "\n" + table + "\n")
 
 
 if __name__ == "__main__":

@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 from dit_adapters.opensora.loading import load_stdit3, save_stdit3
 from dit_adapters.opensora.rflow import RFlowSampler
 from dit_adapters.opensora.stdit3 import STDiT3
+from eval_video._files import write_text_atomic
 from tfmq_video.toy.data import FRAME_SIZE, NUM_FRAMES, clips_to_tensor, make_clips
 from tfmq_video.toy.training import EMA, RunState, load_run, pick_device, prefetched, save_run
 from tfmq_video.toy.world import TOY_SAMPLER_CONFIG, TOY_STDIT3_CONFIG, model_kwargs, toy_text_encoder
@@ -132,6 +133,7 @@ def train(args: argparse.Namespace) -> STDiT3:
         recent = [loss for _, loss in run.losses[-200:]]
         record = {
             "steps": run.step, "batch_size": args.batch_size, "lr": args.lr, "ema_decay": args.ema_decay,
+            "t_location": args.t_location,
             "train_seconds": round(run.seconds, 1), "final_loss_mean_last_200": float(np.mean(recent)) if recent else None,
             "seed": args.seed, "device": str(device),
             "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
@@ -141,7 +143,7 @@ def train(args: argparse.Namespace) -> STDiT3:
         lineage = None if args.init_from is None else args.init_from / "training.json"
         if lineage is not None and lineage.is_file():
             record["initialized_from"] = json.loads(lineage.read_text())  # how the warm-start weights were made
-        (args.export / "training.json").write_text(json.dumps(record, indent=2) + "\n")
+        write_text_atomic(args.export / "training.json", json.dumps(record, indent=2) + "\n")
         log.info("exported EMA model to %s", args.export)
     return final
 
