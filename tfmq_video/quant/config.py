@@ -275,8 +275,8 @@ class RecipeConfig(_Section):
         The cache stores int8 codes either way, so fewer bits save nothing; and a temporal feature is
         consumed by elementwise adaLN modulation in float (or, were it a GEMM input, re-quantized by
         that layer's own input quantizer), so quantizing it to the activation bits only adds error:
-        at A6 a 6-bit cache had 4x the temporal-feature error of the TIAR-calibrated TIB, an 8-bit one
-        a fifth of it (docs/calibration.md).
+        at A6 a 6-bit cache had 3-6x the temporal-feature error of the TIAR-calibrated TIB, an 8-bit
+        one a third to a fifth of it (docs/results.md, "Temporal features at W4A6").
         """
         return self.tib.cache_bits or 8
 
