@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
-from dit_adapters.fused import norm_modulate_linear
+from dit_adapters.fused import norm_modulate_linear, norm_modulate_mlp
 
 # Keys of an upstream ``config.json`` that describe transformers/HF bookkeeping or
 # upstream-only performance switches; they are accepted and ignored.
@@ -156,22 +156,50 @@ class RotaryEmbedding(nn.Module):
     """Rotary position embedding, ``rotary_embedding_torch`` convention (interleaved pairs).
 
     ``freqs`` is a non-trainable parameter so the key ``rope.freqs`` of the checkpoint loads.
+    The cosine and sine of the first ``table_positions`` positions are kept as float32 tables
+    (not saved; rebuilt when ``freqs`` loads or moves): a compiled graph would otherwise inline
+    the trigonometry into its loop over every query and key element, which took ~7x longer than
+    the rest of that loop on the CPU.
     """
 
-    def __init__(self, dim: int, theta: float = 10000.0) -> None:
+    def __init__(self, dim: int, theta: float = 10000.0, table_positions: int = 256) -> None:
         super().__init__()
         freqs = 1.0 / (theta ** (torch.arange(0, dim, 2)[: dim // 2].float() / dim))
         self.freqs = nn.Parameter(freqs, requires_grad=False)
+        self.table_positions = table_positions
+        self.register_buffer("cos_table", torch.empty(0), persistent=False)
+        self.register_buffer("sin_table", torch.empty(0), persistent=False)
+        self.refresh_tables()
+        self.register_load_state_dict_post_hook(lambda module, _keys: module.refresh_tables())
+
+    def angles(self, seq_len: int, device: torch.device) -> torch.Tensor:
+        """(seq_len, dim) rotation angles, each frequency repeated for its pair of channels."""
+        positions = torch.arange(seq_len, device=device, dtype=torch.float32)
+        return torch.einsum("n,f->nf", positions, self.freqs.float()).repeat_interleave(2, dim=-1)
+
+    @torch.no_grad()
+    def refresh_tables(self) -> None:
+        """Recompute the float32 cosine/sine tables from ``freqs`` on its device."""
+        angles = self.angles(self.table_positions, self.freqs.device)
+        self.cos_table, self.sin_table = angles.cos(), angles.sin()
+
+    def _apply(self, fn, recurse=True):  # type: ignore[no-untyped-def]
+        result = super()._apply(fn, recurse)
+        self.refresh_tables()  # keep the tables float32 whatever dtype the model moves to
+        return result
 
     def rotate_queries_or_keys(self, x: torch.Tensor) -> torch.Tensor:
         """Rotate (..., seq, dim) by position along the sequence axis (second to last)."""
         seq_len = x.shape[-2]
-        positions = torch.arange(seq_len, device=x.device, dtype=self.freqs.dtype)
-        angles = torch.einsum("n,f->nf", positions, self.freqs).repeat_interleave(2, dim=-1)  # (seq, dim)
+        if seq_len <= self.table_positions:
+            cos, sin = self.cos_table[:seq_len], self.sin_table[:seq_len]
+        else:
+            angles = self.angles(seq_len, x.device)
+            cos, sin = angles.cos(), angles.sin()
         pairs = rearrange(x, "... (d r) -> ... d r", r=2)
         first, second = pairs.unbind(-1)
         rotated_half = rearrange(torch.stack((-second, first), dim=-1), "... d r -> ... (d r)")
-        out = x.float() * angles.cos() + rotated_half.float() * angles.sin()
+        out = x.float() * cos + rotated_half.float() * sin
         return out.to(x.dtype)
 
 
@@ -218,11 +246,7 @@ class Mlp(nn.Module):
         self.fc2 = nn.Linear(hidden_features, out_features or in_features)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.after_fc1(self.fc1(x))
-
-    def after_fc1(self, hidden: torch.Tensor) -> torch.Tensor:
-        """GELU and fc2 on fc1's output (blocks call fc1 themselves, see ``norm_modulate_linear``)."""
-        return self.fc2(self.act(hidden))
+        return self.fc2(self.act(self.fc1(x)))
 
 
 # --------------------------------------------------------------------------- embedders
@@ -386,8 +410,8 @@ class STDiT3Block(nn.Module):
 
         x = x + self.cross_attn(x, y, y_mask)
 
-        hidden = norm_modulate_linear(self.norm2, self.mlp.fc1, x, shift_mlp, scale_mlp)
-        return x + gate_mlp * self.mlp.after_fc1(hidden)
+        mlp = self.mlp
+        return x + gate_mlp * norm_modulate_mlp(self.norm2, mlp.fc1, mlp.act, mlp.fc2, x, shift_mlp, scale_mlp)
 
 
 class T2IFinalLayer(nn.Module):

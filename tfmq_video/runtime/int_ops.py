@@ -112,6 +112,31 @@ def _(codes_u8, x_scale, x_zero, packed, w_scale, bias, out_dtype):  # type: ign
     return codes_u8.new_empty((codes_u8.shape[0], w_scale.shape[0]), dtype=out_dtype)
 
 
+@torch.library.custom_op("tfmq_video::onednn_qlinear_codes", mutates_args=())
+def onednn_qlinear_codes(
+    codes_u8: torch.Tensor, x_scale: torch.Tensor, x_zero: torch.Tensor, packed: torch.Tensor,
+    w_scale: torch.Tensor, bias: torch.Tensor | None, out_scale: torch.Tensor, out_zero: torch.Tensor,
+    post_op: str, algorithm: str,
+) -> torch.Tensor:
+    """:func:`onednn_qlinear` followed, inside the GEMM, by an activation (oneDNN post-op, e.g.
+    ``gelu``/``tanh``) and the next layer's per-tensor input quantization: returns uint8
+    ``clamp(round(act(y) / out_scale) + out_zero, 0, 255)``.
+
+    ``out_scale``/``out_zero`` are 0-d tensors (a per-timestep pair is selected by the caller with
+    the step index tensor); oneDNN takes them as numbers, read here, inside the opaque op, so a
+    compiled graph does not guard on their values.
+    """
+    return torch.ops.onednn.qlinear_pointwise.tensor(
+        codes_u8, x_scale, x_zero, packed, w_scale, torch.zeros_like(w_scale, dtype=torch.int64), bias,
+        float(out_scale), int(out_zero), torch.uint8, post_op, [], algorithm,
+    )
+
+
+@onednn_qlinear_codes.register_fake
+def _(codes_u8, x_scale, x_zero, packed, w_scale, bias, out_scale, out_zero, post_op, algorithm):  # type: ignore[no-untyped-def]
+    return codes_u8.new_empty((codes_u8.shape[0], w_scale.shape[0]), dtype=torch.uint8)
+
+
 def quant_per_token_u8(x: torch.Tensor, qmax: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Symmetric per-token codes shifted by +128 into uint8 (oneDNN's u8 activations) and scales (M, 1)."""
     codes, scale = quant_per_token_symmetric(x, qmax)

@@ -45,6 +45,13 @@ def stored_weight_codes(name: str, codes: torch.Tensor, grid: IntRange) -> torch
     return codes.to(dtype)
 
 
+def onednn_post_op(activation: nn.Module) -> tuple[str, str] | None:
+    """oneDNN's (post-op, algorithm) computing ``activation``, or None when it has none we use."""
+    if isinstance(activation, nn.GELU):
+        return "gelu", "tanh" if activation.approximate == "tanh" else "none"
+    return None
+
+
 class QuantLinear(nn.Module):
     """Integer-weight Linear with backends ``reference``, ``cpu`` and ``triton`` (see module docstring)."""
 
@@ -322,14 +329,23 @@ class QuantLinear(nn.Module):
             y = int_ops.onednn_qlinear(codes, one, zero_point, packed, w_scale, None, out_dtype)
             return int_ops.fused(int_ops.rescale_rows)(y, x_scale, self.bias, out_dtype)
         if self.activation.mode in ("static", "per_timestep"):
-            scale, zero = self._static_params()
-            codes = int_ops.fused(int_ops.quant_static_u8)(x2d, scale, zero, float(grid.qmin), float(grid.qmax))
-            zero_u8 = (zero + (128.0 if grid.signed else 0.0)).round().to(torch.int64)
-            return int_ops.onednn_qlinear(codes, scale.float(), zero_u8, packed, w_scale, self.bias, out_dtype)
+            codes, scale, zero_u8 = self._onednn_static_input(x2d)
+            return int_ops.onednn_qlinear(codes, scale, zero_u8, packed, w_scale, self.bias, out_dtype)
         codes, x_scale, x_zero = self.quantize_input(x2d)
         w_t, w_scale_t, _ = self._integer_weight()
         correction = self._cache["correction"] if x_zero is not None else None
         return self._grouped_cpu(codes, x_scale, x_zero, w_t, w_scale_t, None, correction)  # type: ignore[arg-type]
+
+    def _onednn_static_input(self, x2d: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """u8 codes of a static / per-timestep input, with the scale and the u8 zero point oneDNN takes."""
+        grid = self.act_grid
+        scale, zero = self._static_params()
+        codes = int_ops.fused(int_ops.quant_static_u8)(x2d, scale, zero, float(grid.qmin), float(grid.qmax))
+        return codes, scale.float(), self._u8_zero(zero)
+
+    def _u8_zero(self, zero: torch.Tensor) -> torch.Tensor:
+        """The zero point of this layer's input codes once shifted into uint8 (int64, as oneDNN takes it)."""
+        return (zero + (128.0 if self.act_grid.signed else 0.0)).round().to(torch.int64)
 
     def _grouped_cpu(
         self, codes: torch.Tensor, x_scale: torch.Tensor, x_zero: torch.Tensor | None, w_t: torch.Tensor,
@@ -382,6 +398,47 @@ class QuantLinear(nn.Module):
             codes, x_scale, w_codes, self.weight_scale,
             w_zero=None if w_zero is None else self.weight_zero_point - offset, **common,
         )
+
+    # ------------------------------------------------------------------ fused MLP (cpu)
+    def _takes_static_u8_on_onednn(self) -> bool:
+        """cpu backend with the prepacked oneDNN GEMM, and a calibrated 8-bit per-tensor input scale."""
+        return (self.backend == "cpu" and "onednn" in self._cache and self.act_grid.bits == 8
+                and self.activation.mode in ("static", "per_timestep"))
+
+    def emits_codes_for(self, activation: nn.Module, consumer: nn.Module) -> bool:
+        """Whether :meth:`forward_activation_codes` can apply ``activation`` and ``consumer``'s input
+        quantization inside this layer's oneDNN GEMM (see :mod:`dit_adapters.fused`): both layers on
+        the cpu backend with oneDNN and calibrated 8-bit per-tensor inputs (static or per timestep),
+        and an activation oneDNN has as a post-op (GELU, exact or tanh)."""
+        return (isinstance(consumer, QuantLinear) and onednn_post_op(activation) is not None
+                and self._takes_static_u8_on_onednn() and consumer._takes_static_u8_on_onednn())
+
+    def forward_activation_codes(self, x: torch.Tensor, activation: nn.Module, consumer: nn.Module) -> torch.Tensor:
+        """``consumer``'s uint8 input codes of ``activation(self(x))``, (..., out_features), computed by
+        one oneDNN GEMM with the activation and the output quantization as post-ops."""
+        if not self.emits_codes_for(activation, consumer):
+            raise ConfigError(f"{self.name}: cannot emit the input codes of {getattr(consumer, 'name', consumer)} "
+                              f"after {activation} (needs the cpu backend with oneDNN and static 8-bit inputs)")
+        assert isinstance(consumer, QuantLinear)
+        post_op, algorithm = onednn_post_op(activation)  # type: ignore[misc]
+        x2d = x.reshape(-1, self.in_features)
+        codes, scale, zero_u8 = self._onednn_static_input(x2d)
+        out_scale, out_zero = consumer._static_params()
+        out = int_ops.onednn_qlinear_codes(
+            codes, scale, zero_u8, self._cache["onednn"], self._cache["onednn_scale"], self.bias,
+            out_scale.float(), consumer._u8_zero(out_zero), post_op, algorithm,
+        )
+        return out.reshape(*x.shape[:-1], self.out_features)
+
+    def forward_codes(self, codes: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
+        """The layer's output, in ``out_dtype`` (float32 or bfloat16), from the uint8 input codes that
+        :meth:`forward_activation_codes` wrote for it."""
+        scale, zero = self._static_params()
+        codes2d = codes.reshape(-1, self.in_features)
+        gemm_dtype = out_dtype if out_dtype in (torch.float32, torch.bfloat16) else torch.float32
+        out = int_ops.onednn_qlinear(codes2d, scale.float(), self._u8_zero(zero), self._cache["onednn"],
+                                     self._cache["onednn_scale"], self.bias, gemm_dtype)
+        return out.to(out_dtype).reshape(*codes.shape[:-1], self.out_features)
 
     # ------------------------------------------------------------------ fused block input
     def fuses_norm_modulate(self) -> bool:
