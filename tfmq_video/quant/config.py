@@ -87,7 +87,8 @@ class TIBConfig(_Section):
     has the lower error; needs ``cache``). ``layerwise_reconstruction`` (the Q-Diffusion/BRECQ
     treatment of layers outside the blocks, an alternative to ``tiar``): every TIB layer is
     reconstructed on its own against its FP output over the calibrated timesteps. Both use
-    ``iterations``, ``lr_rounding``, ``lr_scale`` and ``rounding_weight`` (per layer when layer-wise).
+    ``iterations``, ``lr_rounding``, ``lr_scale`` and ``rounding_weight`` (per layer when layer-wise);
+    ``lr_scale`` is relative to each step size's magnitude (see :mod:`tfmq_video.calib.optimize`).
     """
 
     keep_fp: bool = False
