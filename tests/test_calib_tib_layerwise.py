@@ -57,7 +57,7 @@ def test_qdiffusion_recipe_reconstructs_the_tib_layer_by_layer_and_nothing_else_
         assert cfg.layerwise_reconstruction == (method == "qdiffusion")
     cfg = method_recipe("qdiffusion", 4, 8, FAST).tib
     assert not (cfg.tiar or cfg.fsc or cfg.cache or cfg.select or cfg.keep_fp)
-    assert cfg.iterations == FAST.tib.iterations  # same budget as TIAR
+    assert cfg.iterations == FAST.tib.iterations  # same budget per layer as TIAR
 
 
 def test_recipe_validation_of_layerwise_reconstruction() -> None:
@@ -143,7 +143,8 @@ def test_one_function_two_objectives_with_the_tib_iteration_budget(
     tib_calls, calls[:] = list(calls), []
     _quantize(model, calibration, "qdiffusion")
     layer_calls = list(calls)
-    assert tib_calls == [("TIAR", len(TIB_LAYERS), FAST.tib.iterations)]  # one joint unit
+    # one joint unit, with the layer-wise total of steps: iterations per TIB layer
+    assert tib_calls == [("TIAR", len(TIB_LAYERS), FAST.tib.iterations * len(TIB_LAYERS))]
     assert layer_calls == [(name, 1, FAST.tib.iterations) for name in TIB_LAYERS]  # one unit per layer
     report = tiar_model.report["temporal"]["tib_reconstruction"]
     assert report["objective"] == "temporal_features" and list(report["units"]) == ["TIAR"]

@@ -87,8 +87,9 @@ class TIBConfig(_Section):
     has the lower error; needs ``cache``). ``layerwise_reconstruction`` (the Q-Diffusion/BRECQ
     treatment of layers outside the blocks, an alternative to ``tiar``): every TIB layer is
     reconstructed on its own against its FP output over the calibrated timesteps. Both use
-    ``iterations``, ``lr_rounding``, ``lr_scale`` and ``rounding_weight`` (per layer when layer-wise);
-    ``lr_scale`` is relative to each step size's magnitude (see :mod:`tfmq_video.calib.optimize`).
+    ``iterations`` (per TIB layer: TIAR, which optimizes all of them at once, runs ``iterations`` times
+    the number of TIB layers), ``lr_rounding``, ``lr_scale`` (relative to each step size's magnitude,
+    see :mod:`tfmq_video.calib.optimize`) and ``rounding_weight``.
     """
 
     keep_fp: bool = False
