@@ -158,8 +158,8 @@ class RotaryEmbedding(nn.Module):
     ``freqs`` is a non-trainable parameter so the key ``rope.freqs`` of the checkpoint loads.
     The cosine and sine of the first ``table_positions`` positions are kept as float32 tables
     (not saved; rebuilt when ``freqs`` loads or moves): a compiled graph would otherwise inline
-    the trigonometry into its loop over every query and key element, which took ~7x longer than
-    the rest of that loop on the CPU.
+    the trigonometry into its loop over every query and key element (on the CPU that loop of a
+    temporal block went from 29.1 to 23.4 ms with the tables).
     """
 
     def __init__(self, dim: int, theta: float = 10000.0, table_positions: int = 256) -> None:
