@@ -67,3 +67,38 @@ def test_bench_quality_end_to_end_small(tmp_path: Path) -> None:
         ("fp", None), ("fp-reseed", None), ("rtn", 0), ("rtn", 1)]
     assert [(e["method"], e["seeds"]) for e in record["seed_summary"]] == [("rtn", 2)]
     assert (tmp_path / "q.png").is_file()
+
+
+def test_fp_videos_are_cached_by_model_and_seeds(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import torch
+
+    from tfmq_video.calib.quality import ToyEvaluator
+    from tfmq_video.toy.world import load_toy_stdit3
+
+    model = load_toy_stdit3()
+    null = model.y_embedder.y_embedding
+    evaluator = ToyEvaluator(2, seed=0)
+    sampled = []
+    generate = evaluator.generate
+    monkeypatch.setattr(evaluator, "generate", lambda *args: sampled.append(args[2]) or generate(*args))
+
+    first = evaluator.generate_fp(model, null, False, str(tmp_path))
+    assert sampled == [False] and len(list(tmp_path.glob("fp_*.safetensors"))) == 1
+    again = evaluator.generate_fp(model, null, False, str(tmp_path))
+    assert sampled == [False]  # read from the cache, not sampled again
+    assert torch.equal(first, again)
+    evaluator.generate_fp(model, null, True, str(tmp_path))
+    assert sampled == [False, True] and len(list(tmp_path.glob("fp_*.safetensors"))) == 2
+    key = evaluator.cache_key(model, False)
+    with torch.no_grad():
+        model.final_layer.linear.bias.add_(1e-3)
+    assert evaluator.cache_key(model, False) != key  # other weights: other videos
+    assert not list(tmp_path.glob(".*"))  # no temporary files left
+
+
+def test_block_output_errors_lists_every_reconstructed_unit() -> None:
+    from tfmq_video.calib.quality import block_output_errors
+
+    report = {"reconstruction": {"blocks": {"blocks.0": {"output_error": 0.1}, "head": {"output_error": 0.2}}}}
+    assert block_output_errors(report) == {"blocks.0": 0.1, "head": 0.2}
+    assert block_output_errors({"reconstruction": {}}) == {}

@@ -17,16 +17,21 @@ calibration noise that a difference between methods must exceed.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from safetensors.torch import load_file, save_file
 
+from eval_video._files import atomic_path
 from eval_video.fidelity import psnr
 from eval_video.frechet import frechet_distance_features
 from tfmq_video.calib.api import quantize
@@ -53,6 +58,7 @@ class QualityPlan:
     base: RecipeConfig = field(default_factory=RecipeConfig)
     calib_seeds: tuple[int, ...] | None = None  # None: the base recipe's seed only
     model_path: str | None = None  # an STDiT3 folder; None: the bundled toy model
+    fp_cache: str | None = None  # a folder keeping the FP videos between runs; None: regenerate
 
 
 class ToyEvaluator:
@@ -73,8 +79,40 @@ class ToyEvaluator:
         """Latents (N, 3, T, H, W) for the evaluation captions (other seeds when ``reseed``)."""
         from tfmq_video.toy.world import generate_latents
 
-        seeds = [s + RESEED_OFFSET for s in self.seeds] if reseed else self.seeds
-        return generate_latents(model, null_caption, self.captions, seeds)
+        return generate_latents(model, null_caption, self.captions, self.seeds_for(reseed))
+
+    def seeds_for(self, reseed: bool) -> list[int]:
+        """The evaluation seeds, or the re-seeded ones."""
+        return [s + RESEED_OFFSET for s in self.seeds] if reseed else list(self.seeds)
+
+    def generate_fp(self, model: torch.nn.Module, null_caption: torch.Tensor, reseed: bool,
+                    cache: str | None) -> torch.Tensor:
+        """:meth:`generate` for the FP model, read from / written to the folder ``cache`` when given.
+
+        The file name is a hash of the model's weights, the captions, the seeds and the sampler
+        settings, so a changed model or plan never reads stale videos.
+        """
+        if cache is None:
+            return self.generate(model, null_caption, reseed)
+        path = Path(cache) / f"fp_{self.cache_key(model, reseed)}.safetensors"
+        if path.is_file():
+            log.info("FP videos from %s", path)
+            return load_file(str(path))["latents"]
+        latents = self.generate(model, null_caption, reseed)
+        with atomic_path(path) as tmp:
+            save_file({"latents": latents.contiguous()}, str(tmp))
+        log.info("FP videos saved to %s", path)
+        return latents
+
+    def cache_key(self, model: torch.nn.Module, reseed: bool) -> str:
+        """Hex digest naming the FP videos of ``model`` for this evaluator."""
+        from tfmq_video.calib.checkpoint import model_fingerprint
+        from tfmq_video.toy.world import TOY_SAMPLER_CONFIG, VIDEO_SHAPE
+
+        plan = json.dumps({"model": model_fingerprint(model), "captions": self.captions,
+                           "seeds": self.seeds_for(reseed), "sampler": repr(TOY_SAMPLER_CONFIG),
+                           "shape": VIDEO_SHAPE})
+        return hashlib.sha256(plan.encode()).hexdigest()[:24]
 
     @torch.no_grad()
     def features(self, videos: torch.Tensor) -> np.ndarray:
@@ -110,11 +148,12 @@ def quality_table(plan: QualityPlan, progress: bool = False) -> tuple[list[dict[
     model = load_toy_stdit3(plan.model_path)
     null = model.y_embedder.y_embedding
     evaluator = ToyEvaluator(plan.num_videos, plan.seed)
-    fp = evaluator.generate(model, null)
+    fp = evaluator.generate_fp(model, null, False, plan.fp_cache)
     fp_features = evaluator.features(fp)
+    reseeded = evaluator.generate_fp(model, null, True, plan.fp_cache)
     rows = [
         _row("fp", 32, 32, evaluator.score(fp, fp, fp_features), psnr_fp=None),
-        _row("fp-reseed", 32, 32, evaluator.score(evaluator.generate(model, null, reseed=True), fp, fp_features)),
+        _row("fp-reseed", 32, 32, evaluator.score(reseeded, fp, fp_features)),
     ]
     cal = plan.base.calibration
     start = time.perf_counter()
@@ -135,13 +174,24 @@ def quality_table(plan: QualityPlan, progress: bool = False) -> tuple[list[dict[
                     temporal_feature_error=temporal["temporal_feature_error"],
                     calib_seconds=qmodel.report["seconds"]["total"] + record_seconds,
                     quantized_weight_fraction=qmodel.quantized_weight_fraction(), calib_seed=calib_seed,
+                    block_output_errors=block_output_errors(qmodel.report),
                 ))
                 suffix = f" seed {calib_seed}" if len(seeds) > 1 else ""
                 curves[f"{method}{suffix} W{wbits}A{abits}"] = per_step_error(temporal["final"])
-                log.info("%s", {k: rows[-1][k] for k in ROW_KEYS})
+                errors = list(rows[-1]["block_output_errors"].values())
+                log.info("%s", {**{k: rows[-1][k] for k in ROW_KEYS}, "calib_seed": calib_seed,
+                                "final_output_error": errors[-1] if errors else None})
     for row in rows:
         row["num_videos"] = plan.num_videos
     return rows, curves
+
+
+def block_output_errors(report: dict[str, Any]) -> dict[str, float]:
+    """Relative output error of every reconstructed unit (blocks, then the head) on the
+    calibration rows, from a :func:`~tfmq_video.calib.api.quantize` report; empty without
+    reconstruction."""
+    blocks = report.get("reconstruction", {}).get("blocks", {})
+    return {name: entry["output_error"] for name, entry in blocks.items()}
 
 
 def seed_summary(rows: Sequence[dict[str, Any]], keys: Sequence[str] = ("fvd", "fvd_fp", "psnr_fp")

@@ -38,6 +38,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--calib-seeds", nargs="+", type=int, default=None,
                         help="calibrate every method once per recipe seed and report mean ± std (calibration noise)")
     parser.add_argument("--model", type=Path, default=None, help="STDiT3 folder (default: the bundled toy model)")
+    parser.add_argument("--fp-cache", type=Path, default=None,
+                        help="folder keeping the FP and re-seeded FP videos between runs (keyed by a hash of the "
+                             "model, captions, seeds and sampler); default: generate them every run")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -71,7 +74,8 @@ def run(args: argparse.Namespace) -> int:
     plan = QualityPlan(methods, tuple(args.settings or DEFAULT_SETTINGS), args.num_videos, args.seed,
                        base.model_copy(update={"progress": False}),
                        None if args.calib_seeds is None else tuple(args.calib_seeds),
-                       None if args.model is None else str(args.model))
+                       None if args.model is None else str(args.model),
+                       None if args.fp_cache is None else str(args.fp_cache))
     rows, curves = quality_table(plan)
     print(markdown_table(rows))
     record: dict = {"rows": rows, "temporal_feature_error_per_step": curves}
