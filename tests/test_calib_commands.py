@@ -102,3 +102,15 @@ def test_block_output_errors_lists_every_reconstructed_unit() -> None:
     report = {"reconstruction": {"blocks": {"blocks.0": {"output_error": 0.1}, "head": {"output_error": 0.2}}}}
     assert block_output_errors(report) == {"blocks.0": 0.1, "head": 0.2}
     assert block_output_errors({"reconstruction": {}}) == {}
+
+
+def test_paired_feature_error_is_zero_for_identical_and_about_two_for_independent_sets() -> None:
+    import numpy as np
+
+    from tfmq_video.calib.quality import paired_feature_error
+
+    rng = np.random.default_rng(0)
+    reference = rng.normal(size=(4000, 8))
+    assert paired_feature_error(reference, reference) == 0.0
+    assert paired_feature_error(rng.normal(size=(4000, 8)), reference) == pytest.approx(2.0, rel=0.05)
+    assert paired_feature_error(reference + 0.1, reference) == pytest.approx(8 * 0.1**2 / 8, rel=0.1)  # shift^2 summed over 8 dims / spread 8

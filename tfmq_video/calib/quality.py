@@ -120,7 +120,8 @@ class ToyEvaluator:
         return self.classifier.features(videos.clamp(-1, 1)).double().numpy()
 
     def score(self, latents: torch.Tensor, fp_latents: torch.Tensor, fp_features: np.ndarray) -> dict[str, float]:
-        """fvd, fvd_fp and psnr_fp of ``latents``."""
+        """fvd, fvd_fp and psnr_fp of ``latents``, plus two diagnostics of ``fvd_fp``: its mean
+        term ``fvd_fp_mean_term`` and the paired ``feature_error_fp`` (:func:`paired_feature_error`)."""
         from tfmq_video.toy.data import tensor_to_clips
 
         feats = self.features(latents)
@@ -131,7 +132,17 @@ class ToyEvaluator:
             "fvd": frechet_distance_features(feats, self.real_features),
             "fvd_fp": frechet_distance_features(feats, fp_features),
             "psnr_fp": float(np.mean(finite)) if finite else None,  # type: ignore[dict-item]
+            "fvd_fp_mean_term": float(np.sum((feats.mean(0) - fp_features.mean(0)) ** 2)),
+            "feature_error_fp": paired_feature_error(feats, fp_features),
         }
+
+
+def paired_feature_error(features: np.ndarray, reference: np.ndarray) -> float:
+    """Mean squared distance between paired feature vectors (same caption and seed), relative to
+    the reference's variance: 0 for identical videos, about 2 for independent samples of the same
+    distribution. Unlike a Fréchet distance at N <= D it has no covariance to estimate."""
+    spread = float(np.mean(np.sum((reference - reference.mean(0)) ** 2, axis=1)))
+    return float(np.mean(np.sum((features - reference) ** 2, axis=1))) / max(spread, 1e-12)
 
 
 def _row(method: str, wbits: int, abits: int, scores: dict[str, Any], **extra: Any) -> dict[str, Any]:
