@@ -8,8 +8,15 @@ per temporal feature, the mean relative error over the calibrated steps of each 
 plus the per-step choices. The TIB depends on the timestep alone, so these numbers do not
 depend on the calibration prompts' seed.
 
+With ``--videos N`` (the toy world only) every layer outside the TIB and the attention matmuls
+stay FP, and each method's model generates the first N videos of the quality table's evaluation
+set; they are scored against FP (``psnr_fp``, ``feature_error_fp``, ``fvd_fp``): the effect of
+the TIB's quantization alone on the videos.
+
     python tools/compare_tib_strategies.py --config configs/toy_stdit3_w4a6.yaml \\
         --methods tfmq qdiffusion tfmq-tiar tfmq-fsc --json tib.json
+    python tools/compare_tib_strategies.py --config configs/toy_bench_quick.yaml --wbits 4 --abits 8 \\
+        --methods rtn qdiffusion tfmq-tiar tfmq-fsc tfmq --videos 32 --fp-cache fp_videos --json tib_only.json
 """
 
 from __future__ import annotations
@@ -24,7 +31,7 @@ import torch
 import yaml
 
 import tfmq_video
-from dit_adapters.base import get_adapter
+from dit_adapters.base import DiTAdapter, get_adapter
 from eval_video._files import write_text_atomic
 from tfmq_video.calib.baselines import METHODS, method_recipe
 from tfmq_video.calib.recorder import record_recipe_calibration
@@ -39,6 +46,28 @@ def tib_only(recipe: RecipeConfig, tib_settings: dict[str, Any]) -> RecipeConfig
     raw["reconstruction"]["enabled"] = False
     raw["tib"].update(tib_settings)
     return parse_config(raw, f"(TIB-only {recipe.name}, tib settings {tib_settings})")
+
+
+def only_tib_quantized(recipe: RecipeConfig, model: torch.nn.Module, adapter: DiTAdapter) -> RecipeConfig:
+    """``recipe`` with every layer outside the TIB kept FP (by name) and the attention matmuls FP."""
+    from tfmq_video.quant.model import plan_layers
+
+    raw = recipe.model_dump()
+    raw["quant"]["keep_fp"] = [name for name, plan in plan_layers(model, adapter, recipe).items() if plan.role != "tib"]
+    raw["quant"]["quantize_attention"] = False
+    return parse_config(raw, f"(only the TIB of {recipe.name} quantized)")
+
+
+def video_scores(qmodel: torch.nn.Module, model: torch.nn.Module, count: int, fp_cache: Path | None
+                 ) -> dict[str, float]:
+    """psnr_fp, feature_error_fp and fvd_fp of ``qmodel``'s first ``count`` evaluation videos."""
+    from tfmq_video.calib.quality import ToyEvaluator
+
+    evaluator = ToyEvaluator(count, seed=0)
+    null = model.y_embedder.y_embedding
+    fp = evaluator.generate_fp(model, null, False, None if fp_cache is None else str(fp_cache))
+    scores = evaluator.score(evaluator.generate(qmodel, null), fp, evaluator.features(fp))
+    return {key: scores[key] for key in ("psnr_fp", "feature_error_fp", "fvd_fp")}
 
 
 def parse_settings(items: list[str]) -> dict[str, Any]:
@@ -69,6 +98,9 @@ def main() -> None:
                         help="override keys of the tib section for every method, e.g. iterations=4500 cache_bits=6")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--json", type=Path, default=None, help="write the per-step reports here")
+    parser.add_argument("--videos", type=int, default=None,
+                        help="toy world: keep everything outside the TIB FP and score this many videos against FP")
+    parser.add_argument("--fp-cache", type=Path, default=None, help="folder keeping the FP videos between runs")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -82,11 +114,18 @@ def main() -> None:
     print(f"W{wbits}A{abits}: mean relative error of each temporal feature over {len(calibration.timesteps)} steps")
     for method in args.methods:
         recipe = tib_only(method_recipe(method, wbits, abits, base), parse_settings(args.tib))
+        if args.videos is not None:
+            recipe = only_tib_quantized(recipe, model, adapter)
         start = time.perf_counter()
-        temporal = tfmq_video.quantize(model, adapter, calibration, recipe).report["temporal"]
+        qmodel = tfmq_video.quantize(model, adapter, calibration, recipe)
+        temporal = qmodel.report["temporal"]
         seconds = time.perf_counter() - start
         reports[method] = {"seconds": seconds, "cache_bits": recipe.cache_bits(), **temporal}
         print(f"\n{method} ({seconds:.0f} s), temporal_feature_error {temporal['temporal_feature_error']:.3g}")
+        if args.videos is not None:
+            reports[method]["videos"] = video_scores(qmodel, model, args.videos, args.fp_cache)
+            print("  videos (only the TIB quantized): " + ", ".join(
+                f"{key} {value:.4g}" for key, value in reports[method]["videos"].items()))
         for strategy, errors in summarize(temporal).items():
             print(f"  {strategy:8s}" + "".join(f"  {name} {value:.3g}" for name, value in errors.items()))
         for name, choices in temporal.get("choices", {}).items():
