@@ -211,3 +211,29 @@ def test_cache_scales_per_channel_group_fit_outlier_channels(group_size: int | N
         assert errors[16] < errors[None] / 3
     else:  # 48 does not divide 64: one group per step, the same cache as None
         assert errors[group_size] == errors[None]
+
+
+def test_bias_correction_matches_every_layer_mean_to_fp(model: torch.nn.Module, calibration: CalibrationSet,
+                                                        tmp_path: Path) -> None:
+    from tfmq_video.calib.reconstruction import channel_means, embed_calls
+
+    recipe = FAST.model_copy(update={"reconstruction": FAST.reconstruction.model_copy(
+        update={"bias_correction": True})}).model_copy(update={"calibration": FAST.calibration.model_copy(
+            update={"max_rows": None})})
+    plain = tfmq_video.quantize(model, "opensora-stdit3", calibration, method_recipe("qdiffusion", 4, 8, FAST))
+    qmodel = tfmq_video.quantize(model, "opensora-stdit3", calibration, method_recipe("qdiffusion", 4, 8, recipe))
+    adapter, block = qmodel.adapter, qmodel.adapter.block_names(model)[0]
+    entry = qmodel.report["reconstruction"]["blocks"][block]
+    names = list(entry["bias_shifts"])
+    assert "mlp.fc2" in names and all(shift > 0 for shift in entry["bias_shifts"].values())
+    fp_rows = embed_calls(adapter, model, calibration, None)
+    q_rows = embed_calls(adapter, qmodel.model, calibration, qmodel.context)
+    fp_means = channel_means(adapter.run_block, model.get_submodule(block), fp_rows, names, 8, None)
+    q_means = channel_means(adapter.run_block, qmodel.model.get_submodule(block), q_rows, names, 8, qmodel.context)
+    plain_means = channel_means(adapter.run_block, plain.model.get_submodule(block), q_rows, names, 8, plain.context)
+    for name in names:
+        gap, plain_gap = (fp_means.mean(name) - q_means.mean(name)).abs().max(), (
+            fp_means.mean(name) - plain_means.mean(name)).abs().max()
+        assert gap < 1e-5 * max(float(fp_means.mean(name).abs().max()), 1.0) and gap < plain_gap / 10, name
+    reference = sample_tiny(qmodel, seed=3)
+    assert torch.equal(sample_tiny(load_calibrated(save_calibrated(qmodel, tmp_path / "ckpt")), seed=3), reference)

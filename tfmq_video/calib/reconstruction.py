@@ -27,7 +27,7 @@ from tfmq_video.calib.optimize import RoundingSchedule, optimize_rounding, relat
 from tfmq_video.calib.recorder import CalibrationSet
 from tfmq_video.quant.config import RecipeConfig
 from tfmq_video.quant.model import QuantizedModel
-from tfmq_video.quant.modules import QuantWeightLayer, activation_quantizers
+from tfmq_video.quant.modules import QuantConv, QuantWeightLayer, activation_quantizers
 from tfmq_video.quant.quantizers import StepContext
 
 
@@ -144,6 +144,73 @@ def subsample_rows(count: int, max_rows: int | None, seed: int) -> torch.Tensor:
     return torch.randperm(count, generator=torch.Generator().manual_seed(seed))[:max_rows].sort().values
 
 
+CONV_TYPES = (QuantConv, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+
+class ChannelMeans:
+    """Forward hooks summing each named layer's output per output channel (dim 1 of a conv's
+    output, the last dim of a linear's), so a mean over many rows never stores the outputs."""
+
+    def __init__(self, module: nn.Module, names: list[str]) -> None:
+        self.order: list[str] = []
+        self.sums: dict[str, torch.Tensor] = {}
+        self.counts: dict[str, int] = {}
+        self.handles = [module.get_submodule(name).register_forward_hook(self._hook(name)) for name in names]
+
+    def _hook(self, name: str) -> Callable[[nn.Module, tuple, torch.Tensor], None]:
+        def add(layer: nn.Module, _: tuple, output: torch.Tensor) -> None:
+            channels = output.detach().double().movedim(1 if isinstance(layer, CONV_TYPES) else -1, -1)
+            flat = channels.reshape(-1, channels.shape[-1])
+            if name not in self.sums:
+                self.order.append(name)
+                self.sums[name], self.counts[name] = torch.zeros(flat.shape[-1], dtype=torch.float64), 0
+            self.sums[name] += flat.sum(0)
+            self.counts[name] += flat.shape[0]
+
+        return add
+
+    def mean(self, name: str) -> torch.Tensor:
+        """Mean output of ``name`` per channel over everything seen."""
+        return self.sums[name] / max(self.counts[name], 1)
+
+    def remove(self) -> None:
+        """Detach the hooks."""
+        for handle in self.handles:
+            handle.remove()
+
+
+def channel_means(runner: UnitRunner, block: nn.Module, rows: BlockBatch, names: list[str], chunk: int,
+                  context: StepContext | None) -> ChannelMeans:
+    """Per-channel output means of the layers ``names`` of ``block`` over every row."""
+    means = ChannelMeans(block, names)
+    try:
+        run_rows(runner, block, rows, chunk, context)
+    finally:
+        means.remove()
+    return means
+
+
+def correct_biases(runner: UnitRunner, q_block: nn.Module, fp_block: nn.Module, q_rows: BlockBatch,
+                   fp_rows: BlockBatch, chunk: int, context: StepContext | None) -> dict[str, float]:
+    """Empirical bias correction of a frozen unit (see ``ReconstructionConfig``): each quantized
+    layer with a bias, in execution order, gets the mean FP-minus-quantized output added to its
+    bias, measured after its predecessors were corrected. Returns each layer's shift (L2 norm)
+    relative to its bias's."""
+    names = [name for name, m in q_block.named_modules() if isinstance(m, QuantWeightLayer) and m.bias is not None]
+    if not names:
+        return {}
+    fp_means = channel_means(runner, fp_block, fp_rows, names, chunk, None)
+    shifts: dict[str, float] = {}
+    for name in fp_means.order:
+        q_means = channel_means(runner, q_block, q_rows, [name], chunk, context)
+        bias = q_block.get_submodule(name).bias
+        shift = (fp_means.mean(name) - q_means.mean(name)).to(bias.dtype)
+        with torch.no_grad():
+            bias.add_(shift)
+        shifts[name] = float(shift.norm() / bias.norm().clamp_min(1e-12))
+    return shifts
+
+
 def reconstruct_blocks(
     qmodel: QuantizedModel, fp_model: nn.Module, calibration: CalibrationSet, recipe: RecipeConfig,
 ) -> dict[str, Any]:
@@ -173,13 +240,17 @@ def reconstruct_blocks(
         layers = [m for m in q_block.modules() if isinstance(m, QuantWeightLayer)]
         loss = block_loss(runner, q_block, q_rows, target, context, generator, cfg.batch_size)
         losses = optimize_rounding(layers, activation_quantizers(q_block), loss, schedule, name, recipe.progress)
+        entry: dict[str, Any] = {"first_loss": losses[0] if losses else None,
+                                 "last_loss": losses[-1] if losses else None}
+        if cfg.bias_correction:
+            entry["output_error_before_bias_correction"] = float(relative_error(
+                run_rows(runner, q_block, q_rows, chunk, context), target))
+            entry["bias_shifts"] = correct_biases(runner, q_block, fp_model.get_submodule(name), q_rows, fp_rows,
+                                                  chunk, context)
         q_out = run_rows(runner, q_block, q_rows, chunk, context)
-        report["blocks"][name] = {
-            "first_loss": losses[0] if losses else None,
-            "last_loss": losses[-1] if losses else None,
-            "output_error": float(relative_error(q_out, target)),
-            "seconds": time.perf_counter() - start,
-        }
+        entry["output_error"] = float(relative_error(q_out, target))
+        entry["seconds"] = time.perf_counter() - start
+        report["blocks"][name] = entry
         if name != head:
             q_rows, fp_rows = q_rows.with_hidden(q_out), fp_rows.with_hidden(target)
     return report

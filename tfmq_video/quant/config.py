@@ -121,7 +121,14 @@ class TIBConfig(_Section):
 
 
 class ReconstructionConfig(_Section):
-    """BRECQ-style block reconstruction of every transformer block (AdaRound weights)."""
+    """BRECQ-style block reconstruction of every transformer block (AdaRound weights).
+
+    ``bias_correction``: after a unit is frozen, shift the bias of each of its quantized layers,
+    in execution order, by the mean difference between the FP layer's output on the FP stream and
+    the quantized layer's output on the quantized stream (per output channel, over every
+    calibration row and token), so the unit's error has no common offset left; layers without a
+    bias are left as they are.
+    """
 
     enabled: bool = True
     iterations: int = Field(300, ge=0)
@@ -133,6 +140,7 @@ class ReconstructionConfig(_Section):
     warmup: float = Field(0.2, ge=0, lt=1)
     beta_start: float = Field(20.0, gt=0)
     beta_end: float = Field(2.0, gt=0)
+    bias_correction: bool = False
 
 
 class TextEncoderConfig(_Section):
