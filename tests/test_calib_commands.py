@@ -52,6 +52,8 @@ def test_bench_quality_rejects_repeated_seeds_and_a_missing_model(tmp_path: Path
     assert "repeats a seed" in capsys.readouterr().err
     assert main([*args, "--model", str(tmp_path / "nowhere")]) == 2
     assert "not an STDiT3 folder" in capsys.readouterr().err
+    assert main([*args, "--fp-reseeds", "0"]) == 2
+    assert "--fp-reseeds must be at least 1" in capsys.readouterr().err
     assert not (tmp_path / "q.json").exists()
 
 
@@ -61,10 +63,15 @@ def test_bench_quality_end_to_end_small(tmp_path: Path) -> None:
 
     out = tmp_path / "q.json"
     assert main(["bench", "quality", "--json", str(out), "--methods", "rtn", "--settings", "W8A8",
-                 "--num-videos", "4", "--plot", str(tmp_path / "q.png"), "--calib-seeds", "0", "1"]) == 0
+                 "--num-videos", "4", "--plot", str(tmp_path / "q.png"), "--calib-seeds", "0", "1",
+                 "--fp-reseeds", "2"]) == 0
     record = json.loads(out.read_text())
-    assert [(r["method"], r.get("calib_seed")) for r in record["rows"]] == [
-        ("fp", None), ("fp-reseed", None), ("rtn", 0), ("rtn", 1)]
+    assert [(r["method"], r.get("calib_seed"), r.get("reseed")) for r in record["rows"]] == [
+        ("fp", None, None), ("fp-reseed", None, 1), ("fp-reseed", None, 2), ("rtn", 0, None), ("rtn", 1, None)]
+    fvds = [r["fvd"] for r in record["rows"][:3]]
+    floor = record["fp_noise_floor"]
+    assert floor["seed_sets"] == 3 and floor["fvd"] == pytest.approx(sum(fvds) / 3)
+    assert floor["fvd_std"] > 0 and floor["fvd_fp"] > 0  # other seeds: other videos
     assert [(e["method"], e["seeds"]) for e in record["seed_summary"]] == [("rtn", 2)]
     assert (tmp_path / "q.png").is_file()
 
@@ -89,6 +96,11 @@ def test_fp_videos_are_cached_by_model_and_seeds(tmp_path: Path, monkeypatch: py
     assert torch.equal(first, again)
     evaluator.generate_fp(model, null, True, str(tmp_path))
     assert sampled == [False, True] and len(list(tmp_path.glob("fp_*.safetensors"))) == 2
+    evaluator.generate_fp(model, null, 2, str(tmp_path))  # a second re-seeded set: its own file
+    assert sampled == [False, True, 2] and len(list(tmp_path.glob("fp_*.safetensors"))) == 3
+    seed_sets = [set(evaluator.seeds_for(k)) for k in range(3)]
+    assert all(not (a & b) for i, a in enumerate(seed_sets) for b in seed_sets[i + 1:])
+    assert evaluator.seeds_for(True) == evaluator.seeds_for(1)  # keys of caches written before stay valid
     key = evaluator.cache_key(model, False)
     with torch.no_grad():
         model.final_layer.linear.bias.add_(1e-3)

@@ -7,7 +7,9 @@ generates the same (caption, seed) pairs as FP. Metrics, in the toy classifier's
 - ``fvd``: against real toy clips; ``fvd_fp``: against the FP videos of the same seeds;
 - ``psnr_fp``: mean PSNR (dB) of the uint8 videos against FP;
 - ``temporal_feature_error``: mean relative squared error of the temporal features over steps;
-- ``fp-reseed``: FP with other seeds, the noise floor of ``fvd_fp``.
+- ``fp-reseed``: FP with other seeds, the noise floor of ``fvd_fp``; with ``fp_reseeds`` K > 1
+  there are K such rows (key ``reseed``: 1..K), and :func:`fp_noise_floor` gives the spread of
+  ``fvd`` over the K + 1 FP seed sets: how far an FP model's own ``fvd`` moves with the seeds.
 
 With several calibration seeds (``QualityPlan.calib_seeds``: the recipe's ``seed``, which draws
 the reconstruction rows and minibatches), every method is calibrated once per seed, rows carry
@@ -59,6 +61,7 @@ class QualityPlan:
     calib_seeds: tuple[int, ...] | None = None  # None: the base recipe's seed only
     model_path: str | None = None  # an STDiT3 folder; None: the bundled toy model
     fp_cache: str | None = None  # a folder keeping the FP videos between runs; None: regenerate
+    fp_reseeds: int = 1  # FP runs with other seeds (rows ``fp-reseed``): the noise floor
 
 
 class ToyEvaluator:
@@ -75,17 +78,19 @@ class ToyEvaluator:
         real, _ = make_clips(seed + 1, num_videos)
         self.real_features = self.features(clips_to_tensor(real))
 
-    def generate(self, model: torch.nn.Module, null_caption: torch.Tensor, reseed: bool = False) -> torch.Tensor:
-        """Latents (N, 3, T, H, W) for the evaluation captions (other seeds when ``reseed``)."""
+    def generate(self, model: torch.nn.Module, null_caption: torch.Tensor, reseed: int = 0) -> torch.Tensor:
+        """Latents (N, 3, T, H, W) for the evaluation captions (the ``reseed``-th other seed set when > 0)."""
         from tfmq_video.toy.world import generate_latents
 
         return generate_latents(model, null_caption, self.captions, self.seeds_for(reseed))
 
-    def seeds_for(self, reseed: bool) -> list[int]:
-        """The evaluation seeds, or the re-seeded ones."""
-        return [s + RESEED_OFFSET for s in self.seeds] if reseed else list(self.seeds)
+    def seeds_for(self, reseed: int) -> list[int]:
+        """The evaluation seeds (``reseed`` 0), or the ``reseed``-th set of other seeds."""
+        if reseed < 0:
+            raise ValueError(f"reseed must be >= 0, got {reseed}")
+        return [s + int(reseed) * RESEED_OFFSET for s in self.seeds]
 
-    def generate_fp(self, model: torch.nn.Module, null_caption: torch.Tensor, reseed: bool,
+    def generate_fp(self, model: torch.nn.Module, null_caption: torch.Tensor, reseed: int,
                     cache: str | None) -> torch.Tensor:
         """:meth:`generate` for the FP model, read from / written to the folder ``cache`` when given.
 
@@ -104,7 +109,7 @@ class ToyEvaluator:
         log.info("FP videos saved to %s", path)
         return latents
 
-    def cache_key(self, model: torch.nn.Module, reseed: bool) -> str:
+    def cache_key(self, model: torch.nn.Module, reseed: int) -> str:
         """Hex digest naming the FP videos of ``model`` for this evaluator."""
         from tfmq_video.calib.checkpoint import model_fingerprint
         from tfmq_video.toy.world import TOY_SAMPLER_CONFIG, VIDEO_SHAPE
@@ -161,11 +166,12 @@ def quality_table(plan: QualityPlan, progress: bool = False) -> tuple[list[dict[
     evaluator = ToyEvaluator(plan.num_videos, plan.seed)
     fp = evaluator.generate_fp(model, null, False, plan.fp_cache)
     fp_features = evaluator.features(fp)
-    reseeded = evaluator.generate_fp(model, null, True, plan.fp_cache)
-    rows = [
-        _row("fp", 32, 32, evaluator.score(fp, fp, fp_features), psnr_fp=None),
-        _row("fp-reseed", 32, 32, evaluator.score(reseeded, fp, fp_features)),
-    ]
+    if plan.fp_reseeds < 1:
+        raise ValueError(f"fp_reseeds must be >= 1, got {plan.fp_reseeds}")
+    rows = [_row("fp", 32, 32, evaluator.score(fp, fp, fp_features), psnr_fp=None)]
+    for reseed in range(1, plan.fp_reseeds + 1):
+        reseeded = evaluator.generate_fp(model, null, reseed, plan.fp_cache)
+        rows.append(_row("fp-reseed", 32, 32, evaluator.score(reseeded, fp, fp_features), reseed=reseed))
     cal = plan.base.calibration
     start = time.perf_counter()
     calibration: CalibrationSet = record_toy_calibration(model, cal.num_prompts, cal.seed, cal.steps, cal.batch_size,
@@ -195,6 +201,22 @@ def quality_table(plan: QualityPlan, progress: bool = False) -> tuple[list[dict[
     for row in rows:
         row["num_videos"] = plan.num_videos
     return rows, curves
+
+
+def fp_noise_floor(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """The FP rows' spread: ``fvd`` mean and standard deviation over FP and its re-seeded runs
+    (one FP model, several seed sets), and ``fvd_fp`` / ``psnr_fp`` over the re-seeded runs."""
+    fp = [row for row in rows if row["method"] in ("fp", "fp-reseed")]
+    reseeded = [row for row in fp if row["method"] == "fp-reseed"]
+
+    def spread(values: list[float]) -> tuple[float, float]:
+        return float(np.mean(values)), float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
+
+    floor: dict[str, Any] = {"seed_sets": len(fp)}
+    floor["fvd"], floor["fvd_std"] = spread([row["fvd"] for row in fp])
+    floor["fvd_fp"], floor["fvd_fp_std"] = spread([row["fvd_fp"] for row in reseeded])
+    floor["psnr_fp"], floor["psnr_fp_std"] = spread([row["psnr_fp"] for row in reseeded])
+    return floor
 
 
 def block_output_errors(report: dict[str, Any]) -> dict[str, float]:

@@ -41,6 +41,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--fp-cache", type=Path, default=None,
                         help="folder keeping the FP and re-seeded FP videos between runs (keyed by a hash of the "
                              "model, captions, seeds and sampler); default: generate them every run")
+    parser.add_argument("--fp-reseeds", type=int, default=1,
+                        help="FP runs with other seeds (rows fp-reseed, default 1); with more than one the FP "
+                             "noise floor (fvd mean ± std over the FP seed sets) is printed and saved")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -50,6 +53,7 @@ def run(args: argparse.Namespace) -> int:
     from tfmq_video.calib.quality import (
         DEFAULT_SETTINGS,
         QualityPlan,
+        fp_noise_floor,
         markdown_table,
         plot_curves,
         quality_table,
@@ -67,6 +71,8 @@ def run(args: argparse.Namespace) -> int:
     if args.num_videos < 2:
         raise ConfigError("--num-videos must be at least 2 (a covariance needs two samples)")
     base = load_config(args.config) if args.config else RecipeConfig()
+    if args.fp_reseeds < 1:
+        raise ConfigError(f"--fp-reseeds must be at least 1, got {args.fp_reseeds}")
     if args.calib_seeds is not None and len(set(args.calib_seeds)) != len(args.calib_seeds):
         raise ConfigError(f"--calib-seeds repeats a seed: {args.calib_seeds}")
     if args.model is not None and not (args.model / "config.json").is_file():
@@ -75,10 +81,13 @@ def run(args: argparse.Namespace) -> int:
                        base.model_copy(update={"progress": False}),
                        None if args.calib_seeds is None else tuple(args.calib_seeds),
                        None if args.model is None else str(args.model),
-                       None if args.fp_cache is None else str(args.fp_cache))
+                       None if args.fp_cache is None else str(args.fp_cache), args.fp_reseeds)
     rows, curves = quality_table(plan)
     print(markdown_table(rows))
-    record: dict = {"rows": rows, "temporal_feature_error_per_step": curves}
+    record: dict = {"rows": rows, "temporal_feature_error_per_step": curves, "fp_noise_floor": fp_noise_floor(rows)}
+    floor = record["fp_noise_floor"]
+    print(f"\nFP noise floor over {floor['seed_sets']} seed sets: fvd {floor['fvd']:.4g} ± {floor['fvd_std']:.2g}, "
+          f"re-seeded fvd_fp {floor['fvd_fp']:.4g} ± {floor['fvd_fp_std']:.2g}")
     if args.calib_seeds is not None and len(args.calib_seeds) > 1:
         record["seed_summary"] = seed_summary(rows)
         print()
