@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from tfmq_video.errors import ConfigError
 from tfmq_video.kernels._triton import HAS_TRITON, TRITON_IMPORT_ERROR
 
 pytestmark = pytest.mark.skipif(not HAS_TRITON, reason=f"triton is not installed ({TRITON_IMPORT_ERROR})")
@@ -165,7 +166,7 @@ def test_w8a8_gemm(kernels, zeros: bool, out_dtype: torch.dtype, tiles: dict) ->
     "signed,groups,zeros", [(True, 1, False), (False, 1, True), (True, 4, False), (False, 4, True)],
     ids=["signed-channel", "unsigned-channel", "signed-group", "unsigned-group"],
 )
-@pytest.mark.parametrize("tiles", [{}, {"block_m": 16, "block_n": 32, "half_k": 16}], ids=["default-tiles", "small-tiles"])
+@pytest.mark.parametrize("tiles", [{}, {"block_m": 16, "block_n": 32, "half_k": 32}], ids=["default-tiles", "small-tiles"])
 @in_process
 def test_w4a8_gemm(kernels, signed: bool, groups: int, zeros: bool, tiles: dict) -> None:
     from tfmq_video.export.packing import pack_int4
@@ -202,6 +203,21 @@ def test_gemm_autotune_configs() -> None:
     assert use_autotune(None, None, None) == (not interpreting())
 
 
+@pytest.mark.parametrize(
+    "tiles,named",
+    [((16, 32, 16), "half_k=16"), ((16, 48, 32), "block_n=48"), ((8, 32, 32), "block_m=8")],
+)
+def test_gemm_tiles_the_int8_dot_cannot_run_are_refused(tiles: tuple[int, int, int], named: str) -> None:
+    """An int8 ``tl.dot`` needs K steps of at least 32 on NVIDIA GPUs (the interpreter would run
+    16, which is how such a tile once passed the CPU tests and failed to compile on an H100)."""
+    from tfmq_video.kernels._triton import check_tiles
+
+    with pytest.raises(ConfigError, match=named):
+        check_tiles(*tiles, "HALF_K")
+    check_tiles(16, 32, 32, "HALF_K")
+    check_tiles(None, None, None, "BLOCK_K")
+
+
 # --------------------------------------------------------------------------- attention
 
 
@@ -234,6 +250,19 @@ def test_int8_attention_key_padding_mask(kernels) -> None:
     v2 = v.clone()
     v2[1, :, 4:] = 1e4
     assert torch.allclose(attn.int8_attention(q, k, v2, key_mask)[1], out[1])
+
+
+@in_process
+def test_int8_attention_takes_the_models_strided_head_views(kernels) -> None:
+    """The model hands over q/k/v as permuted views of (B, N, H, D) projections; the output must
+    come back in the logical (B, H, N, D) order, not in q's strides."""
+    attn = kernels["int8_attention"]
+    q = randn_with_outliers(2, 40, 3, 72, seed=4).permute(0, 2, 1, 3)
+    k = randn_with_outliers(2, 24, 3, 72, seed=5).permute(0, 2, 1, 3)
+    v = randn_with_outliers(2, 24, 3, 72, seed=6).permute(0, 2, 1, 3)
+    assert not q.is_contiguous()
+    out = attn.int8_attention(q, k, v)
+    assert_close_rel(out, attn.int8_attention_ref(q.contiguous(), k.contiguous(), v.contiguous()), 3e-3)
 
 
 # --------------------------------------------------------------------------- runtime on the triton backend
@@ -297,10 +326,14 @@ def test_quant_linear_triton_matches_reference(kernels, bits: int, group: int | 
 
 
 @in_process
-@pytest.mark.parametrize("bits", [8, 4])
-def test_stdit3_on_triton_uses_the_fused_block_inputs(kernels, bits: int, monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("bits,attention", [(8, "fp"), (4, "fp"), (8, "int8")])
+def test_stdit3_on_triton_uses_the_fused_block_inputs(
+    kernels, bits: int, attention: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """A whole tiny STDiT3 on the triton backend: every LayerNorm -> modulate -> Linear site (qkv,
-    fc1 of each block, the final layer) takes the fused kernel, and the output matches the reference."""
+    fc1 of each block, the final layer) takes the fused kernel, and the output matches the reference
+    (with INT8 attention too: the Triton kernel against its PyTorch reference, on the model's strided
+    head views and caption mask)."""
     from tfmq_video.calib.testing import tiny_model_inputs, tiny_stdit3
     from tfmq_video.export import RTNConfig, rtn_records
     from tfmq_video.runtime import build_runtime_model
@@ -317,11 +350,13 @@ def test_stdit3_on_triton_uses_the_fused_block_inputs(kernels, bits: int, monkey
     records = rtn_records(tiny_stdit3(), RTNConfig(weight_bits=bits, include=("spatial_blocks.*", "temporal_blocks.*", "final_layer.linear")))
     inputs = {k: v.to(DEVICE) for k, v in tiny_model_inputs().items()}
     with torch.no_grad():
-        reference = build_runtime_model(tiny_stdit3(), records, backend="reference", attention="fp", compile=False)
+        reference = build_runtime_model(tiny_stdit3(), records, backend="reference", attention=attention, compile=False)
         expected = reference.to(DEVICE)(**inputs)
         assert not fused_calls
-        triton_model = build_runtime_model(tiny_stdit3(), records, backend="triton", attention="fp", compile=False)
-        out = triton_model.to(DEVICE)(**inputs)
+        # Built on the CPU and run on the GPU: the device argument moves it before the backend is prepared.
+        triton_model = build_runtime_model(tiny_stdit3(), records, backend="triton", attention=attention, compile=False,
+                                           device=DEVICE)
+        out = triton_model(**inputs)
     sites = {r.name for r in records if r.name.endswith(("attn.qkv", "mlp.fc1", "final_layer.linear"))}
     assert len(sites) == 5  # one spatial and one temporal block: qkv and fc1 each, plus the final layer
     assert set(fused_calls) == sites

@@ -199,7 +199,7 @@ def variants(
         path = save_quantized(folder / folder_name, work.model, records, calibrated_timesteps=timesteps)
         for backend in backends:
             dtype = torch.float32 if backend == "reference" else half
-            model = load_quantized(path, backend=backend, dtype=dtype).to(device)
+            model = load_quantized(path, backend=backend, dtype=dtype, device=device)
             row = {"backend": backend, "wbits": bits, "abits": 8, "act": act, "dtype": str(dtype).split(".")[-1]}
             out.append((row, model))
     work.model.to(device)

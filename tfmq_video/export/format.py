@@ -360,9 +360,10 @@ def _temporal_cache(manifest: dict, folder: Path) -> TemporalFeatureCache | None
 
 def load_quantized(
     folder: str | os.PathLike, backend: str = "auto", attention: str = "auto", dtype: torch.dtype = torch.float32,
-    compile: bool | None = None,
+    compile: bool | None = None, device: torch.device | str | None = None,
 ) -> nn.Module:
-    """Rebuild a runnable quantized model from an exported folder (eval mode).
+    """Rebuild a runnable quantized model from an exported folder (eval mode), on ``device``
+    (default: the CPU; ``"cuda"`` for the ``triton`` backend).
 
     ``dtype`` is the dtype of the full-precision parts and of activations (bf16 is fastest on
     CPUs with bf16 units); quantized layers keep their integer weights and float32 scales.
@@ -385,6 +386,7 @@ def load_quantized(
     return build_runtime_model(
         model, records, backend=backend, attention=attention,
         calibrated_timesteps=manifest.get("calibrated_timesteps"), temporal_cache=cache, compile=compile,
+        device=device,
     )
 
 

@@ -59,6 +59,25 @@ def use_autotune(*block_sizes: int | None) -> bool:
     return all(size is None for size in block_sizes) and not interpreting()
 
 
+MIN_INT8_DOT_K = 32  # NVIDIA's int8 tensor-core MMA consumes K in steps of 32: tl.dot refuses less
+
+
+def check_tiles(block_m: int | None, block_n: int | None, k_step: int | None, k_name: str) -> None:
+    """Refuse GEMM tiles the int8 ``tl.dot`` cannot compile, before Triton fails deep in its compiler.
+
+    M and N tiles must be powers of two of at least 16, the K step (per ``tl.dot``) a power of two
+    of at least :data:`MIN_INT8_DOT_K`. The interpreter would run smaller tiles, but a tile that
+    passes only there is a tile that breaks on the GPU, so the rule is the same everywhere.
+    """
+    problems = [
+        f"{label}={size} (a power of two >= {least})"
+        for label, size, least in (("block_m", block_m, 16), ("block_n", block_n, 16), (k_name.lower(), k_step, MIN_INT8_DOT_K))
+        if size is not None and (size < least or size & (size - 1))
+    ]
+    if problems:
+        raise ConfigError("GEMM tiles the int8 tensor cores cannot run: " + ", ".join(problems))
+
+
 def launch_gemm(
     plain: Any, tuned: Any, M: int, N: int, args: tuple, flags: dict[str, Any],
     block_m: int | None, block_n: int | None, k_name: str, k_step: int | None, default_k: int,
@@ -67,6 +86,7 @@ def launch_gemm(
     :func:`use_autotune` says so, else ``plain`` with the given tiles (64 x 64 x ``default_k`` if unset)."""
     import triton
 
+    check_tiles(block_m, block_n, k_step, k_name)
     if use_autotune(block_m, block_n, k_step):
         tuned[lambda meta: (triton.cdiv(M, meta["BLOCK_M"]), triton.cdiv(N, meta["BLOCK_N"]))](*args, **flags)
         return

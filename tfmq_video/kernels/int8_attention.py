@@ -124,7 +124,9 @@ def int8_attention(
     if key_mask is not None and tuple(key_mask.shape) != (batch, n_k):
         raise ConfigError(f"key_mask must be (batch, n_k) = {(batch, n_k)}, got {tuple(key_mask.shape)}")
     q_codes, q_scale, k_codes, k_scale = prepare_qk(q, k, sm_scale, block_m, block_n)
-    out = torch.empty_like(q)
+    # Not empty_like: a permuted q (the model's heads view) would hand its strides to ``out``,
+    # while the kernel writes (B, H, N_q, D) row-major.
+    out = torch.empty(batch, heads, n_q, dim, dtype=q.dtype, device=q.device)
     mask = key_mask.to(torch.int8).contiguous() if key_mask is not None else q_scale
     grid = (triton.cdiv(n_q, block_m), batch * heads)
     _int8_attention_kernel[grid](

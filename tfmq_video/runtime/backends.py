@@ -49,7 +49,10 @@ def backend_problem(name: str, device: torch.device) -> str | None:
         if not HAS_TRITON:
             return f"triton is not installed ({TRITON_IMPORT_ERROR}); pip install 'tfmq-video[kernels]'"
         if device.type != "cuda" and not interpreting():
-            return f"the triton backend needs a CUDA device (the model is on {device}; no GPU here?)"
+            return (
+                f"the triton backend needs a CUDA device, the model is on {device} (no GPU here? else pass "
+                "device='cuda' to load_quantized/build_runtime_model, or move the model to the GPU first)"
+            )
         return None
     raise ConfigError(f"unknown backend {name!r}; choose one of {('auto', *BACKENDS)}")
 

@@ -82,11 +82,15 @@ def replace_linears(
     layers = []
     for record in records:
         parent, child = submodule_parent(model, record.name)
+        original = getattr(parent, child)
+        # Built on the CPU with the backend that runs anywhere, then moved where the layer it
+        # replaces lives: only there can the requested backend be checked and prepared.
         if record.original_shape is None:
-            layer = QuantLinear(record, context=context, backend=backend)
+            layer = QuantLinear(record, context=context, backend="reference")
         else:
-            dtype = getattr(parent, child).weight.dtype
-            layer = QuantPatchConv(record, context=context, backend=backend, dtype=dtype)
+            layer = QuantPatchConv(record, context=context, backend="reference", dtype=original.weight.dtype)
+        layer.to(original.weight.device)
+        layer.set_backend(backend)
         setattr(parent, child, layer)
         layers.append(layer)
     return layers
@@ -181,13 +185,19 @@ def build_runtime_model(
     calibrated_timesteps: Sequence[float] | None = None,
     temporal_cache: TemporalFeatureCache | None = None,
     compile: bool | None = None,
+    device: torch.device | str | None = None,
 ) -> nn.Module:
     """Make ``model`` (modified in place) run its recorded layers with integer kernels.
 
+    ``device``: where the model runs (default: where it is now). The backend is chosen and its
+    weights prepared there, so a CPU-built model meant for the ``triton`` backend needs
+    ``device="cuda"`` here (or to be moved to the GPU before this call).
     ``compile`` (default: on for the cpu backend unless ``TFMQ_CPU_COMPILE=0``) compiles the
     transformer blocks whole (see :func:`compile_blocks`); the first forward pass then takes
     tens of seconds.
     """
+    if device is not None:
+        model.to(device)
     needs_context = any(r.activation.mode == "per_timestep" for r in records) or temporal_cache is not None
     context = None
     if needs_context:
