@@ -36,9 +36,9 @@ python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', tr
     | tee -a "$OUT/gpu.txt"
 
 status=0
-timeout 180 python3 -m pytest -q -p no:cacheprovider tests/test_kernels_triton.py tests/test_runtime_model.py \
+timeout 230 python3 -m pytest -q -p no:cacheprovider tests/test_kernels_triton.py tests/test_runtime_model.py \
     tests/test_export_conv_uint8.py 2>&1 | tee "$OUT/tests.log" || status=1
-timeout 200 python3 -m tfmq_video.cli bench kernels --device cuda --tokens 4096 16384 --repeat 20 --no-torchao \
+timeout 170 python3 -m tfmq_video.cli bench kernels --device cuda --tokens 4096 16384 --repeat 20 --no-torchao \
     --json "$OUT/bench_kernels_gpu.json" 2>&1 | tee "$OUT/bench_kernels.log" || status=1
 timeout 150 python3 -m tfmq_video.cli bench model --device cuda --models mid toy --repeat 3 \
     --json "$OUT/bench_model_gpu.json" 2>&1 | tee "$OUT/bench_model.log" || status=1

@@ -126,6 +126,16 @@ def per_token_quant(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return _launch(x2d, x2d, x2d, 1, 0.0, norm=False)
 
 
+def static_quant(
+    x: torch.Tensor, act_scale: torch.Tensor, act_zero: torch.Tensor, qmin: int, qmax: int, offset: int
+) -> torch.Tensor:
+    """Triton ``clamp(round(x / s) + z, qmin, qmax) - offset`` of (M, K) with a calibrated scale ``s``
+    and zero point ``z`` (one-element tensors, read on the device: no host sync); int8 codes (M, K)."""
+    x2d = x.reshape(-1, x.shape[-1]).contiguous()
+    codes, _ = _launch(x2d, x2d, x2d, 1, 0.0, norm=False, static=(act_scale, act_zero, qmin, qmax, offset))
+    return codes
+
+
 def _modulation_rows(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """shift/scale of shape (B or 1, 1, C) as contiguous (B, C) rows."""
     batch, _, channels = x.shape

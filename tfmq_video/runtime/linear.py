@@ -9,6 +9,8 @@ every backend implements the same math, ``reference`` in float32.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -372,11 +374,27 @@ class QuantLinear(nn.Module):
         if self.activation.mode == "dynamic_per_token" and self.act_grid.signed and self.act_grid.bits == 8:
             codes, x_scale = act_quant.per_token_quant(x2d)
             x_zero = None
+        elif self.activation.mode in ("static", "per_timestep"):
+            codes, x_scale, x_zero = self._triton_static_quant(lambda *params: act_quant.static_quant(x2d, *params))
         else:
             codes, x_scale, x_zero = self.quantize_input(x2d)
             x_scale = x_scale.expand(codes.shape[0], 1)
             x_zero = None if x_zero is None else x_zero.expand(codes.shape[0], 1)
         return self._triton_gemm(codes, x_scale, x_zero, x2d.dtype)
+
+    def _triton_static_quant(
+        self, quantize: Callable[[torch.Tensor, torch.Tensor, int, int, int], torch.Tensor]
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Codes of a static / per-timestep input from a Triton ``quantize(scale, zero, qmin, qmax,
+        offset)``, with the per-row scales and int8-shifted zero points the GEMM takes."""
+        grid, offset = self.act_grid, int8_offset(self.act_grid)
+        act_scale, act_zero = self._static_params()
+        codes = quantize(act_scale, act_zero, grid.qmin, grid.qmax, offset)
+        rows = codes.shape[0]
+        x_scale = act_scale.reshape(1, 1).float().expand(rows, 1)
+        shifted = self._cache.get("act_zero_shifted", True)
+        x_zero = (act_zero - offset).reshape(1, 1).float().expand(rows, 1) if shifted else None
+        return codes, x_scale, x_zero
 
     def _triton_gemm(
         self, codes: torch.Tensor, x_scale: torch.Tensor, x_zero: torch.Tensor | None, in_dtype: torch.dtype
@@ -466,13 +484,8 @@ class QuantLinear(nn.Module):
             codes, x_scale = act_quant.layernorm_modulate_quant(x, shift, scale, eps)
             x_zero = None
         else:
-            grid, offset = self.act_grid, int8_offset(self.act_grid)
-            act_scale, act_zero = self._static_params()
-            codes = act_quant.layernorm_modulate_quant_static(
-                x, shift, scale, eps, act_scale, act_zero, grid.qmin, grid.qmax, offset)
-            x_scale = act_scale.reshape(1, 1).float().expand(codes.shape[0], 1)
-            shifted = self._cache.get("act_zero_shifted", True)
-            x_zero = (act_zero - offset).reshape(1, 1).float().expand(codes.shape[0], 1) if shifted else None
+            codes, x_scale, x_zero = self._triton_static_quant(
+                lambda *params: act_quant.layernorm_modulate_quant_static(x, shift, scale, eps, *params))
         out = self._triton_gemm(codes, x_scale, x_zero, x.dtype)
         return out.to(x.dtype).reshape(batch, length, self.out_features)
 
