@@ -204,17 +204,22 @@ def test_gemm_autotune_configs() -> None:
 
 
 @pytest.mark.parametrize(
-    "tiles,named",
-    [((16, 32, 16), "half_k=16"), ((16, 48, 32), "block_n=48"), ((8, 32, 32), "block_m=8")],
+    "tiles,codes_per_k,named",
+    [((16, 32, 16), 1, "block_k=16"), ((16, 32, 8), 2, "half_k=8"), ((16, 48, 32), 1, "block_n=48"),
+     ((8, 32, 32), 1, "block_m=8")],
 )
-def test_gemm_tiles_the_int8_dot_cannot_run_are_refused(tiles: tuple[int, int, int], named: str) -> None:
-    """An int8 ``tl.dot`` needs K steps of at least 32 on NVIDIA GPUs (the interpreter would run
-    16, which is how such a tile once passed the CPU tests and failed to compile on an H100)."""
+def test_gemm_tiles_the_int8_dot_cannot_run_are_refused(
+    tiles: tuple[int, int, int], codes_per_k: int, named: str
+) -> None:
+    """An int8 ``tl.dot`` needs at least 32 codes of K on NVIDIA GPUs (the interpreter runs 16,
+    which is how a W4A8 test with 16-code dots once passed the CPU tests and failed on an H100)."""
     from tfmq_video.kernels._triton import check_tiles
 
+    k_name = "HALF_K" if codes_per_k == 2 else "BLOCK_K"
     with pytest.raises(ConfigError, match=named):
-        check_tiles(*tiles, "HALF_K")
-    check_tiles(16, 32, 32, "HALF_K")
+        check_tiles(*tiles, k_name, codes_per_k)
+    check_tiles(16, 32, 32, "BLOCK_K")
+    check_tiles(16, 32, 16, "HALF_K", codes_per_k=2)  # one dot over 2 x 16 = 32 codes
     check_tiles(None, None, None, "BLOCK_K")
 
 

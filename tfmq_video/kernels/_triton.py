@@ -62,18 +62,25 @@ def use_autotune(*block_sizes: int | None) -> bool:
 MIN_INT8_DOT_K = 32  # NVIDIA's int8 tensor-core MMA consumes K in steps of 32: tl.dot refuses less
 
 
-def check_tiles(block_m: int | None, block_n: int | None, k_step: int | None, k_name: str) -> None:
+def check_tiles(
+    block_m: int | None, block_n: int | None, k_step: int | None, k_name: str, codes_per_k: int = 1
+) -> None:
     """Refuse GEMM tiles the int8 ``tl.dot`` cannot compile, before Triton fails deep in its compiler.
 
-    M and N tiles must be powers of two of at least 16, the K step (per ``tl.dot``) a power of two
-    of at least :data:`MIN_INT8_DOT_K`. The interpreter would run smaller tiles, but a tile that
-    passes only there is a tile that breaks on the GPU, so the rule is the same everywhere.
+    M and N tiles must be powers of two of at least 16. Each ``tl.dot`` covers ``k_step *
+    codes_per_k`` codes of K (W4A8: ``HALF_K`` bytes hold 2 codes each), which must be a power of
+    two of at least :data:`MIN_INT8_DOT_K`. The interpreter would run smaller tiles, but a tile
+    that passes only there is a tile that breaks on the GPU, so the rule is the same everywhere.
     """
+    dot_k = None if k_step is None else k_step * codes_per_k
     problems = [
         f"{label}={size} (a power of two >= {least})"
-        for label, size, least in (("block_m", block_m, 16), ("block_n", block_n, 16), (k_name.lower(), k_step, MIN_INT8_DOT_K))
+        for label, size, least in (("block_m", block_m, 16), ("block_n", block_n, 16))
         if size is not None and (size < least or size & (size - 1))
     ]
+    if dot_k is not None and (dot_k < MIN_INT8_DOT_K or dot_k & (dot_k - 1)):
+        problems.append(f"{k_name.lower()}={k_step} (each int8 dot then covers {dot_k} codes of K, "
+                        f"which must be a power of two >= {MIN_INT8_DOT_K})")
     if problems:
         raise ConfigError("GEMM tiles the int8 tensor cores cannot run: " + ", ".join(problems))
 
@@ -81,12 +88,13 @@ def check_tiles(block_m: int | None, block_n: int | None, k_step: int | None, k_
 def launch_gemm(
     plain: Any, tuned: Any, M: int, N: int, args: tuple, flags: dict[str, Any],
     block_m: int | None, block_n: int | None, k_name: str, k_step: int | None, default_k: int,
+    codes_per_k: int = 1,
 ) -> None:
     """Launch an integer GEMM kernel over (M, N) output tiles: ``tuned`` (its autotuned form) when
     :func:`use_autotune` says so, else ``plain`` with the given tiles (64 x 64 x ``default_k`` if unset)."""
     import triton
 
-    check_tiles(block_m, block_n, k_step, k_name)
+    check_tiles(block_m, block_n, k_step, k_name, codes_per_k)
     if use_autotune(block_m, block_n, k_step):
         tuned[lambda meta: (triton.cdiv(M, meta["BLOCK_M"]), triton.cdiv(N, meta["BLOCK_N"]))](*args, **flags)
         return

@@ -138,5 +138,6 @@ def w4a8_gemm(
     )
     flags = {"SIGNED": w_signed, "HAS_BIAS": bias is not None, "HAS_XZERO": x_zero is not None,
              "HAS_WZERO": w_zero is not None}
-    launch_gemm(_w4a8_kernel, _w4a8_tuned, M, N, args, flags, block_m, block_n, "HALF_K", half_k, 32)
+    launch_gemm(_w4a8_kernel, _w4a8_tuned, M, N, args, flags, block_m, block_n, "HALF_K", half_k, 32,
+                codes_per_k=2)
     return out
