@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The GPU checks of issue #3 in one call, for a lent H100/H200 (the workplace's `device` tool) or any
-# CUDA machine with torch and triton: the Triton kernel tests compiled for the GPU, the kernel
-# benchmark and the full-sampling benchmark, each writing JSON (and a log) into $OUT (default: out/).
+# CUDA machine with torch and triton: the Triton kernel tests compiled for the GPU, the kernel-only
+# sweep (tools/gpu_kernel_sweep.py), the kernel benchmark and the full-sampling benchmark, each
+# writing JSON (and a log) into $OUT (default: out/). About 8 minutes on an H100.
 #
 #   here, once per checkout (needs the package registry):  bash tools/gpu_check.sh --download-wheels
 #   on the device, carrying .whl:                          bash tools/gpu_check.sh
@@ -36,9 +37,12 @@ python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', tr
     | tee -a "$OUT/gpu.txt"
 
 status=0
-timeout 230 python3 -m pytest -q -p no:cacheprovider tests/test_kernels_triton.py tests/test_runtime_model.py \
-    tests/test_export_conv_uint8.py 2>&1 | tee "$OUT/tests.log" || status=1
-timeout 170 python3 -m tfmq_video.cli bench kernels --device cuda --tokens 4096 16384 --repeat 20 --no-torchao \
+# The Triton tests compiled for the GPU, on the default tiles (autotuning every tiny test shape
+# would take minutes); the kernel benchmark and the sweep below autotune.
+TFMQ_VIDEO_AUTOTUNE=0 timeout 120 python3 -m pytest -q -p no:cacheprovider tests/test_kernels_triton.py \
+    tests/test_runtime_model.py tests/test_export_conv_uint8.py 2>&1 | tee "$OUT/tests.log" || status=1
+timeout 130 python3 tools/gpu_kernel_sweep.py --json "$OUT/sweep.json" > "$OUT/sweep.log" 2>&1 || status=1
+timeout 180 python3 -m tfmq_video.cli bench kernels --device cuda --tokens 4096 16384 --repeat 10 --no-torchao \
     --json "$OUT/bench_kernels_gpu.json" 2>&1 | tee "$OUT/bench_kernels.log" || status=1
 timeout 150 python3 -m tfmq_video.cli bench model --device cuda --models mid toy --repeat 3 \
     --json "$OUT/bench_model_gpu.json" 2>&1 | tee "$OUT/bench_model.log" || status=1

@@ -34,12 +34,15 @@ def time_ms(fn: Callable[[], object], device: torch.device, repeat: int, warmup:
 
 
 def time_interleaved_ms(
-    fns: dict[str, Callable[[], object]], device: torch.device, repeat: int, warmup: int = 2
+    fns: dict[str, Callable[[], object]], device: torch.device, repeat: int, warmup: int = 2, queued: int = 1
 ) -> dict[str, float]:
     """Median wall time (ms) of each function, timed in interleaved rounds.
 
     Round-robin timing spreads load changes from other processes over every method instead of
-    penalizing whichever ran during a busy moment.
+    penalizing whichever ran during a busy moment. ``queued`` > 1: each sample times that many calls
+    back to back with one sync at the end (divided by the count), as a model queues its layers on a
+    GPU: the per-call Python and launch cost then overlaps the previous call's GPU work and counts
+    only where it is longer. With ``queued=1`` every call is synced: its latency.
     """
     for fn in fns.values():
         for _ in range(warmup):
@@ -49,9 +52,10 @@ def time_interleaved_ms(
     for _ in range(repeat):
         for name, fn in fns.items():
             start = time.perf_counter()
-            fn()
+            for _ in range(queued):
+                fn()
             sync(device)
-            samples[name].append((time.perf_counter() - start) * 1e3)
+            samples[name].append((time.perf_counter() - start) * 1e3 / queued)
     return {name: statistics.median(values) for name, values in samples.items()}
 
 

@@ -76,6 +76,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--full", action="store_true", help="every shape at 1k, 4k, 16k and 32k tokens (long on CPU)")
     parser.add_argument("--tokens", type=int, nargs="*", help="override the token counts")
     parser.add_argument("--repeat", type=int, default=3, help="timed runs per method (median reported)")
+    parser.add_argument("--queued", type=int, default=None,
+                        help="calls per timed run, synced once at the end (default: 10 on a GPU, where a model "
+                             "queues its kernels, 1 on a CPU); 1 times each call's latency")
     parser.add_argument("--no-torchao", action="store_true", help="skip torchao's int8 dynamic quantization")
     parser.add_argument("--no-attention", action="store_true", help="skip the attention rows")
 
@@ -137,7 +140,8 @@ def gemm_rows(shape: GemmShape, tokens: int, device: torch.device, backend: str,
             methods["torchao_int8_dyn_compiled"] = (lambda: ao(x_bf16), torch.bfloat16)
     with torch.no_grad():
         reference = linear(x)
-        timings = time_interleaved_ms({name: fn for name, (fn, _) in methods.items()}, device, args.repeat, warmup=1)
+        timings = time_interleaved_ms({name: fn for name, (fn, _) in methods.items()}, device, args.repeat, warmup=1,
+                                      queued=queued_calls(args, device))
         errors = {name: rel_error(fn().float(), reference) for name, (fn, _) in methods.items()}
     flops = 2.0 * tokens * shape.in_features * shape.out_features
     return [
@@ -151,7 +155,14 @@ def gemm_rows(shape: GemmShape, tokens: int, device: torch.device, backend: str,
     ]
 
 
-def attention_rows(device: torch.device, backend: str, repeat: int, full: bool) -> list[dict]:
+def queued_calls(args: argparse.Namespace, device: torch.device) -> int:
+    """Calls per timed sample (``--queued``; by default 10 on a GPU, 1 on a CPU)."""
+    if args.queued is not None:
+        return max(1, args.queued)
+    return 10 if device.type == "cuda" else 1
+
+
+def attention_rows(device: torch.device, backend: str, repeat: int, full: bool, queued: int = 1) -> list[dict]:
     """SDPA (fp32, bf16/fp16) against INT8 attention (Triton on GPU, the PyTorch reference on CPU)."""
     from tfmq_video.kernels import int8_attention as int8_attn
 
@@ -181,7 +192,7 @@ def attention_rows(device: torch.device, backend: str, repeat: int, full: bool) 
             pass
         with torch.no_grad():
             reference = F.scaled_dot_product_attention(q, k, v)
-            timings = time_interleaved_ms(methods, device, repeat, warmup=1)
+            timings = time_interleaved_ms(methods, device, repeat, warmup=1, queued=queued)
             errors = {name: rel_error(fn().float().reshape(reference.shape) if "xformers" not in name
                                       else fn().transpose(1, 2).float(), reference) for name, fn in methods.items()}
         base = timings["sdpa_fp32"]
@@ -208,9 +219,10 @@ def run(args: argparse.Namespace) -> int:
     print_table([r for r in rows if r["kind"] == "gemm"],
                 ("model", "layer", "M", "K", "N", "method", "ms", "speedup_vs_fp32", "speedup_vs_bf16", "rel_err_vs_fp32"))
     if not args.no_attention:
-        rows += attention_rows(device, backend, args.repeat, args.full)
+        rows += attention_rows(device, backend, args.repeat, args.full, queued_calls(args, device))
         print()
         print_table([r for r in rows if r["kind"] == "attention"],
                     ("shape", "n_q", "n_k", "head_dim", "method", "ms", "speedup_vs_fp32", "speedup_vs_bf16", "rel_err_vs_fp32"))
-    write_json(args.json_path, {"benchmark": "kernels", "backend": backend, "machine": machine_info(device), "rows": rows})
+    write_json(args.json_path, {"benchmark": "kernels", "backend": backend, "machine": machine_info(device),
+                                "queued_calls_per_sample": queued_calls(args, device), "rows": rows})
     return 0

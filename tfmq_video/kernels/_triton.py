@@ -42,62 +42,82 @@ GEMM_TILES: tuple[tuple[int, int, int, int], ...] = (
 )
 
 
-def gemm_configs(k_name: str, k_values: tuple[int, ...]) -> list:
-    """``triton.Config`` list over :data:`GEMM_TILES` x ``k_values`` of the K-step parameter ``k_name``."""
+def gemm_configs(k_name: str | None = None, k_values: tuple[int, ...] = ()) -> list:
+    """``triton.Config`` list over :data:`GEMM_TILES` x ``k_values`` of the K-step parameter ``k_name``
+    (the tiles alone when the kernel's K step is not tuned)."""
     import triton
 
+    k_choices: list[dict[str, int]] = [{k_name: k} for k in k_values] if k_name else [{}]
     return [
-        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, k_name: k}, num_warps=warps, num_stages=stages)
+        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, **k_choice}, num_warps=warps, num_stages=stages)
         for bm, bn, warps, stages in GEMM_TILES
-        for k in k_values
+        for k_choice in k_choices
     ]
 
 
+AUTOTUNE_ENV = "TFMQ_VIDEO_AUTOTUNE"
+
+
+def autotune_enabled() -> bool:
+    """Whether the GEMM tiles may be autotuned: ``TFMQ_VIDEO_AUTOTUNE=0`` turns it off.
+
+    Autotuning compiles and times every candidate tile once per new (M, N, K): worth it for a long
+    generation run, not for tests or a quick try on a new model (the default tiles are used instead).
+    """
+    return os.environ.get(AUTOTUNE_ENV, "1") not in ("", "0")
+
+
 def use_autotune(*block_sizes: int | None) -> bool:
-    """Autotune the tiles when the caller fixed none of them and the kernel runs on a GPU (the
-    interpreter cannot time kernels: it runs the default tiles)."""
-    return all(size is None for size in block_sizes) and not interpreting()
+    """Autotune the tiles when the caller fixed none of them, the kernel runs on a GPU (the
+    interpreter cannot time kernels: it runs the default tiles) and :func:`autotune_enabled`."""
+    return all(size is None for size in block_sizes) and not interpreting() and autotune_enabled()
 
 
 MIN_INT8_DOT_K = 32  # NVIDIA's int8 tensor-core MMA consumes K in steps of 32: tl.dot refuses less
 
 
 def check_tiles(
-    block_m: int | None, block_n: int | None, k_step: int | None, k_name: str, codes_per_k: int = 1
+    block_m: int | None, block_n: int | None, k_step: int | None = None, k_name: str = "block_k"
 ) -> None:
     """Refuse GEMM tiles the int8 ``tl.dot`` cannot compile, before Triton fails deep in its compiler.
 
-    M and N tiles must be powers of two of at least 16. Each ``tl.dot`` covers ``k_step *
-    codes_per_k`` codes of K (W4A8: ``HALF_K`` bytes hold 2 codes each), which must be a power of
-    two of at least :data:`MIN_INT8_DOT_K`. The interpreter would run smaller tiles, but a tile
-    that passes only there is a tile that breaks on the GPU, so the rule is the same everywhere.
+    M and N tiles must be powers of two of at least 16; the K step of one ``tl.dot`` a power of two
+    of at least :data:`MIN_INT8_DOT_K` (W4A8's dots cover half a step of its weight layout, which
+    :func:`~tfmq_video.kernels.w4a8_gemm.split_step` keeps at 32 or 64). The interpreter would run
+    smaller tiles, but a tile that passes only there breaks on the GPU, so the rule is the same everywhere.
     """
-    dot_k = None if k_step is None else k_step * codes_per_k
+    dot_k = k_step
     problems = [
         f"{label}={size} (a power of two >= {least})"
         for label, size, least in (("block_m", block_m, 16), ("block_n", block_n, 16))
         if size is not None and (size < least or size & (size - 1))
     ]
     if dot_k is not None and (dot_k < MIN_INT8_DOT_K or dot_k & (dot_k - 1)):
-        problems.append(f"{k_name.lower()}={k_step} (each int8 dot then covers {dot_k} codes of K, "
-                        f"which must be a power of two >= {MIN_INT8_DOT_K})")
+        problems.append(f"{k_name.lower()}={k_step} (the K of an int8 dot must be a power of two >= {MIN_INT8_DOT_K})")
     if problems:
         raise ConfigError("GEMM tiles the int8 tensor cores cannot run: " + ", ".join(problems))
 
 
 def launch_gemm(
     plain: Any, tuned: Any, M: int, N: int, args: tuple, flags: dict[str, Any],
-    block_m: int | None, block_n: int | None, k_name: str, k_step: int | None, default_k: int,
-    codes_per_k: int = 1,
+    block_m: int | None, block_n: int | None, k_name: str | None = None, k_step: int | None = None,
+    default_k: int = 64, grouped: bool = False,
 ) -> None:
     """Launch an integer GEMM kernel over (M, N) output tiles: ``tuned`` (its autotuned form) when
-    :func:`use_autotune` says so, else ``plain`` with the given tiles (64 x 64 x ``default_k`` if unset)."""
+    :func:`use_autotune` says so, else ``plain`` with the given tiles (64 x 64 x ``default_k`` if unset).
+    ``k_name``: the kernel's tuned K-step parameter, if it has one (W4A8's step is fixed by its layout).
+    ``grouped``: the kernel orders its tiles itself from a 1-D grid (else the grid is (M tiles, N tiles))."""
     import triton
 
-    check_tiles(block_m, block_n, k_step, k_name, codes_per_k)
+    def grid_for(bm: int, bn: int) -> tuple[int, ...]:
+        tiles = (triton.cdiv(M, bm), triton.cdiv(N, bn))
+        return (tiles[0] * tiles[1],) if grouped else tiles
+
+    check_tiles(block_m, block_n, k_step, k_name or "block_k")
     if use_autotune(block_m, block_n, k_step):
-        tuned[lambda meta: (triton.cdiv(M, meta["BLOCK_M"]), triton.cdiv(N, meta["BLOCK_N"]))](*args, **flags)
+        tuned[lambda meta: grid_for(meta["BLOCK_M"], meta["BLOCK_N"])](*args, **flags)
         return
     block_m, block_n = block_m or 64, block_n or 64
-    grid = (triton.cdiv(M, block_m), triton.cdiv(N, block_n))
-    plain[grid](*args, **flags, BLOCK_M=block_m, BLOCK_N=block_n, **{k_name: k_step or default_k})
+    grid = grid_for(block_m, block_n)
+    k_choice = {k_name: k_step or default_k} if k_name else {}
+    plain[grid](*args, **flags, BLOCK_M=block_m, BLOCK_N=block_n, **k_choice)

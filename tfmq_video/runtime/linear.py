@@ -161,8 +161,6 @@ class QuantLinear(nn.Module):
                 return f"{self.weight_grid.bits}-bit per-group weights"
             if self.weight_grid.bits == 8 and self.group_size is not None:
                 return "per-group W8 (the W8A8 kernel is per-channel)"
-            if self.weight_grid.bits == 4 and self.group_size is not None and self.group_size % 2:
-                return "odd W4 group sizes"
         return None
 
     def set_backend(self, requested: str) -> str:
@@ -182,9 +180,29 @@ class QuantLinear(nn.Module):
     def _prepare(self) -> None:
         """Build the backend's prepared weights now, so forward (and a compiled graph) only reads them."""
         self._cache.clear()
-        if self.backend in ("cpu", "triton") and self.activation.mode != "none":
+        if self.backend == "cpu" and self.activation.mode != "none":
             self._integer_weight()
+        elif self.backend == "triton" and self.activation.mode != "none":
+            self._prepare_triton()
         self._prepare_activation()
+
+    def _prepare_triton(self) -> None:
+        """The GEMM kernels' weight operands: int8 codes (W8) or the W4A8 split layout, the zero
+        points shifted into int8 (None when all zero) and the correction term of input zero points."""
+        from tfmq_video.kernels import w4a8_gemm
+
+        offset = int8_offset(self.weight_grid)
+        zero = self.weight_zero_point - offset
+        has_zero = bool((zero != 0).any())
+        codes = self.codes()
+        shifted = codes if offset == 0 else (codes.to(torch.int16) - offset).to(torch.int8)
+        self._cache["correction"] = weight_correction(shifted, self.weight_scale, zero)
+        if self.weight_grid.bits == 4:
+            self._cache["w4_split"] = w4a8_gemm.split_int4(self.weight_packed, self.in_features, zero.shape[1])
+            self._cache["w_zero_raw"] = self.weight_zero_point if has_zero else None
+        else:
+            self._cache["w8_codes"] = shifted.contiguous()
+            self._cache["w_zero_shifted"] = zero.contiguous() if has_zero else None
 
     def _apply(self, fn, recurse=True):  # type: ignore[no-untyped-def]
         """Moves keep every buffer's dtype: ``model.to(torch.bfloat16)`` must not round the scales."""
@@ -402,20 +420,15 @@ class QuantLinear(nn.Module):
         """The W8A8/W4A8 Triton GEMM on int8 input codes (M, K) with per-row scales and zero points."""
         from tfmq_video.kernels import w4a8_gemm, w8a8_gemm
 
-        _, _, w_zero = self._integer_weight()
         out_dtype = in_dtype if in_dtype in (torch.float16, torch.float32, torch.bfloat16) else torch.float32
         common = {"bias": self.bias, "x_zero": x_zero, "correction": self._cache["correction"], "out_dtype": out_dtype}
         if self.weight_grid.bits == 4:
             return w4a8_gemm.w4a8_gemm(
                 codes, x_scale, self.weight_packed, self.in_features, self.weight_grid.signed, self.weight_scale,
-                w_zero=None if w_zero is None else self.weight_zero_point, **common,
+                w_zero=self._cache["w_zero_raw"], w_split=self._cache["w4_split"], **common,
             )
-        offset = int8_offset(self.weight_grid)
-        w_codes = self.weight_codes if offset == 0 else (self.weight_codes.to(torch.int16) - offset).to(torch.int8)
-        return w8a8_gemm.w8a8_gemm(
-            codes, x_scale, w_codes, self.weight_scale,
-            w_zero=None if w_zero is None else self.weight_zero_point - offset, **common,
-        )
+        return w8a8_gemm.w8a8_gemm(codes, x_scale, self._cache["w8_codes"], self.weight_scale,
+                                   w_zero=self._cache["w_zero_shifted"], **common)
 
     # ------------------------------------------------------------------ fused MLP (cpu)
     def _takes_static_u8_on_onednn(self) -> bool:
