@@ -424,3 +424,20 @@ def test_stdit3_on_triton_uses_the_fused_block_inputs(
     assert len(sites) == 5  # one spatial and one temporal block: qkv and fc1 each, plus the final layer
     assert set(fused_calls) == sites
     assert_close_rel(out, expected, 2e-2)
+
+
+def test_kernels_do_not_pass_an_accumulator_to_int_dots() -> None:
+    """``tl.dot(a, b, acc)`` compiles in the interpreter's Triton (3.9) but not in the H100's (3.6)
+    when the inputs are int8 (it asserts the float32 default ``out_dtype`` equals the accumulator's
+    int32): session 10 lost a GPU run to it. Every ``tl.dot`` in the kernels takes two operands."""
+    import ast
+
+    kernel_dir = Path(__file__).resolve().parents[1] / "tfmq_video" / "kernels"
+    offenders = []
+    for source in sorted(kernel_dir.glob("*.py")):
+        for node in ast.walk(ast.parse(source.read_text())):
+            if (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "dot"
+                    and (len(node.args) > 2 or any(k.arg in ("acc", "out_dtype") for k in node.keywords))):
+                offenders.append(f"{source.name}:{node.lineno}")
+    assert not offenders, offenders
+    assert any("tl.dot(" in s.read_text() for s in kernel_dir.glob("*.py"))  # the scan sees the kernels

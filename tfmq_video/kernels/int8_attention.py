@@ -12,7 +12,7 @@ On a GPU the preparation is one Triton pass per tensor that reads the model's st
 and writes int8 codes and scales (in PyTorch it took as long as the attention kernel itself on an
 H100: 0.84 ms against 0.11 ms at 7800 tokens). Tiles: 128 x 64 (the best of session 10's H100
 sweep at 7800 tokens, head dim 128), with 8 warps when the grid is too small to fill the GPU with
-4-warp programs (at 1590 tokens 8 warps ran 1.7x faster). The tiles are not autotuned because
+4-warp programs (at 1590 tokens 8 warps ran 1.4x and 1.7x faster in two runs). The tiles are not autotuned because
 they are also the quantization blocks: a tuner would change the numbers. (Per-row scales gathered
 inside the kernel, which would free the tiles, made it 1.4x slower.)
 """
@@ -180,7 +180,7 @@ def quantize_qk(
 
 def attention_warps(programs: int, device: torch.device) -> int:
     """4 warps per program when the grid fills the GPU twice over, else 8 (session 10's H100 sweep:
-    732 programs ran best with 4, 208 programs 1.7x faster with 8 than with 4)."""
+    732 programs ran best with 4, 208 programs 1.4-1.7x faster with 8 than with 4)."""
     if device.type != "cuda":
         return 4
     return 4 if programs >= 2 * torch.cuda.get_device_properties(device).multi_processor_count else 8
