@@ -193,6 +193,35 @@ def test_w4a8_gemm(kernels, signed: bool, groups: int, K: int, zeros: bool, tile
     assert_close_rel(out, ref, 1e-6)
 
 
+@in_process
+@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("zero", ["per-tensor", "per-row", "none"])
+def test_gemms_take_a_per_tensor_input_scale(kernels, bits: int, zero: str) -> None:
+    """A static / per-timestep input passes one scale (and zero point) instead of (M, 1) vectors;
+    a per-row zero point with a per-tensor scale makes both per row."""
+    from tfmq_video.export.packing import pack_int4
+
+    M, K, N = 37, 128, 45
+    x = randint8(M, K, seed=11)
+    scale = torch.tensor([[0.013]], device=DEVICE)
+    x_zero = {"per-tensor": torch.tensor([[3.0]], device=DEVICE),
+              "per-row": torch.randint(-9, 9, (M, 1), device=DEVICE).float(), "none": None}[zero]
+    w_scale = torch.rand(N, 1, device=DEVICE) / 10 + 1e-3
+    bias = randn_with_outliers(N, seed=12)
+    if bits == 8:
+        gemm, w = kernels["w8a8_gemm"], randint8(N, K, seed=13)
+        out = gemm.w8a8_gemm(x, scale, w, w_scale, bias, x_zero, out_dtype=torch.float32)
+        ref = gemm.w8a8_gemm_ref(x, scale.expand(M, 1), w, w_scale, bias,
+                                 None if x_zero is None else x_zero.expand(M, 1))
+    else:
+        gemm, codes = kernels["w4a8_gemm"], randint8(N, K, seed=13, lo=-8, hi=7)
+        packed = pack_int4(codes.cpu(), True).to(DEVICE)
+        out = gemm.w4a8_gemm(x, scale, packed, K, True, w_scale, bias, x_zero, out_dtype=torch.float32)
+        ref = gemm.w4a8_gemm_ref(x, scale.expand(M, 1), packed, K, True, w_scale, bias,
+                                 None if x_zero is None else x_zero.expand(M, 1))
+    assert_close_rel(out, ref, 1e-6)
+
+
 def test_gemm_autotune_configs(monkeypatch: pytest.MonkeyPatch) -> None:
     """On a GPU the GEMMs autotune over valid tiles; the interpreter (and any caller that fixes a
     tile) runs the fixed tiles, since it cannot time kernels; TFMQ_VIDEO_AUTOTUNE=0 turns it off."""

@@ -25,6 +25,7 @@ from tfmq_video.errors import ConfigError
 from tfmq_video.export.packing import unpack_int4
 from tfmq_video.kernels._triton import HAS_TRITON, gemm_configs, launch_gemm, require_triton
 from tfmq_video.kernels.intmath import int_linear_ref, weight_correction
+from tfmq_video.kernels.w8a8_gemm import input_params
 
 
 def w4a8_gemm_ref(
@@ -40,6 +41,8 @@ def w4a8_gemm_ref(
 if HAS_TRITON:
     import triton
     import triton.language as tl
+
+    from tfmq_video.kernels.w8a8_gemm import input_rows
 
     @triton.jit
     def _unpack_nibbles(packed, SIGNED: tl.constexpr):
@@ -57,7 +60,7 @@ if HAS_TRITON:
         x_ptr, w_ptr, xs_ptr, xz_ptr, ws_ptr, wz_ptr, corr_ptr, b_ptr, out_ptr,
         M, N, K, row_bytes, group_len, group_bytes, num_groups,
         SIGNED: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_XZERO: tl.constexpr, HAS_WZERO: tl.constexpr,
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HALF_STEP: tl.constexpr,
+        X_PER_ROW: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HALF_STEP: tl.constexpr,
     ):
         """One output tile; the K loop walks groups, and inside a group steps of 2 * HALF_STEP codes
         of the split layout: one byte tile, two contiguous activation tiles, two int8 dots."""
@@ -94,10 +97,9 @@ if HAS_TRITON:
                 part -= w_zero[None, :] * xsum.to(tl.float32)[:, None]
             facc += part * w_scale[None, :]
         if HAS_XZERO:
-            x_zero = tl.load(xz_ptr + rm, mask=rm < M, other=0.0)
             corr = tl.load(corr_ptr + rn, mask=rn < N, other=0.0)
-            facc -= x_zero[:, None] * corr[None, :]
-        out = facc * tl.load(xs_ptr + rm, mask=rm < M, other=0.0)[:, None]
+            facc -= input_rows(xz_ptr, rm, M, X_PER_ROW) * corr[None, :]
+        out = facc * input_rows(xs_ptr, rm, M, X_PER_ROW)
         if HAS_BIAS:
             out += tl.load(b_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
         mask = (rm[:, None] < M) & (rn[None, :] < N)
@@ -146,6 +148,7 @@ def w4a8_gemm(
 ) -> torch.Tensor:
     """Triton W4A8 linear: int8 (M, K) codes x packed int4 (N, ceil(K/2)) -> (M, N) ``out_dtype``.
 
+    ``x_scale``/``x_zero``: (M, 1) per token, or one element each for a per-tensor input.
     ``w_scale``/``w_zero``: (N, G) with G = 1 (per channel) or K / group_size. ``w_split``: the
     weight already in the kernel's layout (:func:`split_int4`; a layer caches it), else derived here.
     Tiles: autotuned per (M, N, K) on a GPU unless given; 64 x 64 in the interpreter.
@@ -164,15 +167,15 @@ def w4a8_gemm(
         codes = unpack_int4(w_packed, in_features, w_signed)
         correction = weight_correction(codes, w_scale, w_zero if w_zero is not None else torch.zeros_like(w_scale))
     dummy = w_scale
+    x_scale, x_zero, per_row = input_params(x_scale, x_zero, M)
     args = (
-        x_codes.contiguous(), w_split.data, x_scale.reshape(-1).float().contiguous(),
-        dummy if x_zero is None else x_zero.reshape(-1).float().contiguous(),
+        x_codes.contiguous(), w_split.data, x_scale, dummy if x_zero is None else x_zero,
         w_scale.float().contiguous(), dummy if w_zero is None else w_zero.float().contiguous(),
         dummy if correction is None else correction.float().contiguous(),
         dummy if bias is None else bias.contiguous(), out,
         M, N, K, w_split.data.shape[1], w_split.group_len, w_split.data.shape[1] // groups, groups,
     )
     flags = {"SIGNED": w_signed, "HAS_BIAS": bias is not None, "HAS_XZERO": x_zero is not None,
-             "HAS_WZERO": w_zero is not None, "HALF_STEP": w_split.step // 2}
+             "HAS_WZERO": w_zero is not None, "X_PER_ROW": per_row, "HALF_STEP": w_split.step // 2}
     launch_gemm(_w4a8_kernel, _w4a8_tuned, M, N, args, flags, block_m, block_n)
     return out

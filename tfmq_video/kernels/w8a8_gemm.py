@@ -31,11 +31,20 @@ if HAS_TRITON:
     import triton.language as tl
 
     @triton.jit
+    def input_rows(ptr, rm, M, PER_ROW: tl.constexpr):
+        """An input's scale (or zero point) as a (BLOCK_M, 1) column of per-row values, or the one
+        per-tensor value (a static / per-timestep scale: no (M,) vector to build per call)."""
+        if PER_ROW:
+            return tl.load(ptr + rm, mask=rm < M, other=0.0)[:, None]
+        return tl.load(ptr)
+
+    @triton.jit
     def _w8a8_kernel(
         x_ptr, w_ptr, xs_ptr, xz_ptr, ws_ptr, wz_ptr, corr_ptr, b_ptr, out_ptr,
         M, N, K,
-        HAS_BIAS: tl.constexpr, HAS_XZERO: tl.constexpr, HAS_WZERO: tl.constexpr, EVEN_K: tl.constexpr,
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+        HAS_BIAS: tl.constexpr, HAS_XZERO: tl.constexpr, HAS_WZERO: tl.constexpr, X_PER_ROW: tl.constexpr,
+        EVEN_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+        GROUP_M: tl.constexpr,
     ):
         """One (BLOCK_M, BLOCK_N) output tile: int8 dot into int32, then the fused epilogue.
 
@@ -74,7 +83,6 @@ if HAS_TRITON:
                 xsum += tl.sum(a.to(tl.int32), axis=1)
             x_tile += BLOCK_K
             w_tile += BLOCK_K
-        x_scale = tl.load(xs_ptr + rm, mask=rm < M, other=0.0)
         w_scale = tl.load(ws_ptr + rn, mask=rn < N, other=0.0)
         out = acc.to(tl.float32)
         if HAS_WZERO:
@@ -82,10 +90,9 @@ if HAS_TRITON:
             out -= w_zero[None, :] * xsum.to(tl.float32)[:, None]
         out = out * w_scale[None, :]
         if HAS_XZERO:
-            x_zero = tl.load(xz_ptr + rm, mask=rm < M, other=0.0)
             corr = tl.load(corr_ptr + rn, mask=rn < N, other=0.0)
-            out -= x_zero[:, None] * corr[None, :]
-        out = out * x_scale[:, None]
+            out -= input_rows(xz_ptr, rm, M, X_PER_ROW) * corr[None, :]
+        out = out * input_rows(xs_ptr, rm, M, X_PER_ROW)
         if HAS_BIAS:
             out += tl.load(b_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
         mask = (rm[:, None] < M) & (rn[None, :] < N)
@@ -98,6 +105,20 @@ if HAS_TRITON:
     )
 
 
+def input_params(
+    x_scale: torch.Tensor, x_zero: torch.Tensor | None, rows: int
+) -> tuple[torch.Tensor, torch.Tensor | None, bool]:
+    """The input's scale and zero point as the GEMM kernels read them: flat float32, one value each
+    when both are per tensor (``per_row`` False), else (rows,) vectors."""
+    per_row = x_scale.numel() != 1 or (x_zero is not None and x_zero.numel() != 1)
+
+    def flat(t: torch.Tensor) -> torch.Tensor:
+        t = t.reshape(-1).float()
+        return (t.expand(rows) if per_row and t.numel() == 1 else t).contiguous()
+
+    return flat(x_scale), None if x_zero is None else flat(x_zero), per_row
+
+
 def w8a8_gemm(
     x_codes: torch.Tensor, x_scale: torch.Tensor, w_codes: torch.Tensor, w_scale: torch.Tensor,
     bias: torch.Tensor | None = None, x_zero: torch.Tensor | None = None, w_zero: torch.Tensor | None = None,
@@ -106,7 +127,7 @@ def w8a8_gemm(
 ) -> torch.Tensor:
     """Triton W8A8 linear: int8 (M, K) codes x int8 (N, K) per-channel codes -> (M, N) ``out_dtype``.
 
-    ``x_scale``/``x_zero`` (M, 1) per token (a static scale is expanded by the caller);
+    ``x_scale``/``x_zero``: (M, 1) per token, or one element each for a per-tensor input;
     ``w_scale``/``w_zero`` (N, 1); ``correction`` is :func:`weight_correction` (needed with ``x_zero``).
     Tiles: autotuned per (M, N, K) on a GPU unless given; 64 x 64 x 64 in the interpreter.
     """
@@ -117,15 +138,15 @@ def w8a8_gemm(
     if x_zero is not None and correction is None:
         correction = weight_correction(w_codes, w_scale, w_zero if w_zero is not None else torch.zeros_like(w_scale))
     dummy = w_scale
+    x_scale, x_zero, per_row = input_params(x_scale, x_zero, M)
     args = (
-        x_codes.contiguous(), w_codes.contiguous(), x_scale.reshape(-1).float().contiguous(),
-        dummy if x_zero is None else x_zero.reshape(-1).float().contiguous(),
+        x_codes.contiguous(), w_codes.contiguous(), x_scale, dummy if x_zero is None else x_zero,
         w_scale.reshape(-1).float().contiguous(),
         dummy if w_zero is None else w_zero.reshape(-1).float().contiguous(),
         dummy if correction is None else correction.float().contiguous(),
         dummy if bias is None else bias.contiguous(), out, M, N, K,
     )
     flags = {"HAS_BIAS": bias is not None, "HAS_XZERO": x_zero is not None, "HAS_WZERO": w_zero is not None,
-             "GROUP_M": GROUP_M}
+             "X_PER_ROW": per_row, "GROUP_M": GROUP_M}
     launch_gemm(_w8a8_plain, _w8a8_tuned, M, N, args, flags, block_m, block_n, "BLOCK_K", block_k, 64, grouped=True)
     return out

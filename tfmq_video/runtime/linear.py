@@ -404,15 +404,12 @@ class QuantLinear(nn.Module):
         self, quantize: Callable[[torch.Tensor, torch.Tensor, int, int, int], torch.Tensor]
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """Codes of a static / per-timestep input from a Triton ``quantize(scale, zero, qmin, qmax,
-        offset)``, with the per-row scales and int8-shifted zero points the GEMM takes."""
+        offset)``, with the one scale and int8-shifted zero point (None when zero) the GEMM takes."""
         grid, offset = self.act_grid, int8_offset(self.act_grid)
         act_scale, act_zero = self._static_params()
         codes = quantize(act_scale, act_zero, grid.qmin, grid.qmax, offset)
-        rows = codes.shape[0]
-        x_scale = act_scale.reshape(1, 1).float().expand(rows, 1)
         shifted = self._cache.get("act_zero_shifted", True)
-        x_zero = (act_zero - offset).reshape(1, 1).float().expand(rows, 1) if shifted else None
-        return codes, x_scale, x_zero
+        return codes, act_scale, (act_zero - offset) if shifted else None
 
     def _triton_gemm(
         self, codes: torch.Tensor, x_scale: torch.Tensor, x_zero: torch.Tensor | None, in_dtype: torch.dtype
