@@ -84,6 +84,43 @@ def test_selection_mixes_cache_and_tib_when_the_tib_wins(model: torch.nn.Module,
         assert max(final[name]) <= max(max(qmodel.report["temporal"]["tib"][name]), 1e-9) * 1.001
 
 
+def test_output_errors_measure_each_feature_alone_and_restore_the_model(
+    model: torch.nn.Module, calibration: CalibrationSet
+) -> None:
+    """Serving the FP features changes nothing; perturbing ``t`` alone moves the output at every
+    step but leaves ``t_mlp``'s errors at zero; the FP model is restored afterwards."""
+    from dit_adapters.base import get_adapter
+    from tfmq_video.calib.selection import output_errors
+    from tfmq_video.calib.tib import TemporalInformationBlock
+
+    adapter = get_adapter("opensora-stdit3")
+    fp_features = TemporalInformationBlock.from_calibration(adapter, calibration).fp_features(model)
+    noisy = dict(fp_features)
+    noisy["t"] = fp_features["t"] + 0.1 * fp_features["t"].std() * torch.randn_like(fp_features["t"])
+    call = calibration.calls[0]
+    with torch.no_grad():
+        before = model(*call.args, **call.kwargs)
+    errors = output_errors(model, adapter, calibration, {"fp": fp_features, "noisy": noisy})
+    steps = len(calibration.timesteps)
+    assert all(errors["fp"][name].shape == (steps,) and not errors["fp"][name].any() for name in fp_features)
+    assert bool((errors["noisy"]["t"] > 0).all()) and not errors["noisy"]["t_mlp"].any()
+    with torch.no_grad():
+        assert torch.equal(model(*call.args, **call.kwargs), before)
+
+
+def test_selection_by_output_follows_the_output_errors(model: torch.nn.Module, calibration: CalibrationSet) -> None:
+    """``tib.select_by: output``: each (feature, step) choice is the strategy with the lower output error."""
+    tib = FAST.tib.model_copy(update={"cache_bits": 2, "select_by": "output"})
+    qmodel = tfmq_video.quantize(model, "opensora-stdit3", calibration,
+                                 method_recipe("tfmq", 8, 8, FAST.model_copy(update={"tib": tib})))
+    temporal = qmodel.report["temporal"]
+    for name in ("t", "t_mlp"):
+        tib_errors, cache_errors = temporal["output_errors"]["tib"][name], temporal["output_errors"]["cache"][name]
+        assert temporal["choices"][name] == ["cache" if c <= t else "tib" for t, c in zip(tib_errors, cache_errors,
+                                                                                           strict=True)]
+    assert "tib" in temporal["choices"]["t"] + temporal["choices"]["t_mlp"]  # a 2-bit cache loses somewhere
+
+
 @pytest.mark.parametrize("method", sorted(METHODS))
 def test_every_method_runs_in_the_same_harness(method: str, model: torch.nn.Module,
                                                calibration: CalibrationSet) -> None:

@@ -74,7 +74,7 @@ def quantize(
 
     stage = time.perf_counter()
     tib = TemporalInformationBlock.from_calibration(adapter, calibration)
-    temporal_report = maintain_temporal_features(qmodel, model, tib, recipe)
+    temporal_report = maintain_temporal_features(qmodel, model, tib, recipe, calibration)
     timings["temporal"] = time.perf_counter() - stage
 
     stage = time.perf_counter()

@@ -8,7 +8,8 @@ import torch
 from torch import nn
 
 from tfmq_video.calib.cache import TemporalFeatureCache
-from tfmq_video.calib.selection import describe_choices, select_strategies
+from tfmq_video.calib.recorder import CalibrationSet
+from tfmq_video.calib.selection import describe_choices, output_errors, select_strategies
 from tfmq_video.calib.tiar import reconstruct_tib
 from tfmq_video.calib.tib import TemporalInformationBlock, feature_errors, mean_error
 from tfmq_video.quant.config import RecipeConfig
@@ -33,13 +34,34 @@ def build_cache(qmodel: QuantizedModel, tib: TemporalInformationBlock, fp_featur
     return cache
 
 
+def _selection(
+    qmodel: QuantizedModel, fp_model: nn.Module, tib: TemporalInformationBlock, recipe: RecipeConfig,
+    cache: TemporalFeatureCache, tib_errors: dict[str, torch.Tensor], cache_errors: dict[str, torch.Tensor],
+    calibration: CalibrationSet | None, report: dict[str, Any],
+) -> dict[str, torch.Tensor]:
+    """The per (feature, step) choices: by feature error, or by the FP model's output error
+    (``tib.select_by: output``, which needs the calibration calls; its errors go to the report)."""
+    if recipe.tib.select_by == "feature":
+        return select_strategies(tib_errors, cache_errors)
+    if calibration is None:
+        raise ValueError("tib.select_by: output needs the calibration set")
+    with torch.no_grad():
+        candidates = {"tib": {k: v.detach() for k, v in tib.features(qmodel.model, qmodel).items()},
+                      "cache": cache.all_features()}
+    errors = output_errors(fp_model, qmodel.adapter, calibration, candidates, recipe.progress)
+    report["output_errors"] = {strategy: _as_lists(values) for strategy, values in errors.items()}
+    return select_strategies(errors["tib"], errors["cache"])
+
+
 def maintain_temporal_features(
     qmodel: QuantizedModel, fp_model: nn.Module, tib: TemporalInformationBlock, recipe: RecipeConfig,
+    calibration: CalibrationSet | None = None,
 ) -> dict[str, Any]:
     """Calibrate the TIB per ``recipe.tib`` (TIAR, or layer-wise reconstruction for the Q-Diffusion
     baseline); install the cache when used. Returns a report with per-step errors of each strategy
-    (``initial``, ``tib``, ``cache``, ``final``), the choices and ``tib_reconstruction`` (per unit
-    losses, errors and seconds) when the TIB was reconstructed."""
+    (``initial``, ``tib``, ``cache``, ``final``; ``output_errors`` when selecting by output), the
+    choices and ``tib_reconstruction`` (per unit losses, errors and seconds) when the TIB was
+    reconstructed. ``calibration``: the recorded calls, needed by ``tib.select_by: output``."""
     cfg = recipe.tib
     report: dict[str, Any] = {"initial": _as_lists(_errors(qmodel, fp_model, tib))}
     tib_layers = [layer for _, layer in qmodel.weight_layers("tib")]
@@ -61,7 +83,7 @@ def maintain_temporal_features(
         cache_errors = feature_errors(cache.all_features(), fp_features)
         report["cache"] = _as_lists(cache_errors)
         if cfg.select:
-            use_cache = select_strategies(tib_errors, cache_errors)
+            use_cache = _selection(qmodel, fp_model, tib, recipe, cache, tib_errors, cache_errors, calibration, report)
         else:
             use_cache = {name: torch.ones(len(tib), dtype=torch.bool) for name in fp_features}
         cache.set_choices(use_cache)
