@@ -68,14 +68,7 @@ def _w8a8_tma_kernel(
 ):
     """The W8A8 GEMM (symmetric codes, per-row and per-channel scales, bias) with TMA loads and a
     grouped tile order (GROUP_M row tiles share their weight tiles in L2)."""
-    pid = tl.program_id(0)
-    tiles_m = tl.cdiv(M, BLOCK_M)
-    tiles_n = tl.cdiv(N, BLOCK_N)
-    width = GROUP_M * tiles_n
-    first_m = (pid // width) * GROUP_M
-    group_rows = tl.minimum(tiles_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % width) % group_rows
-    pid_n = (pid % width) // group_rows
+    pid_m, pid_n = w8a8_gemm.grouped_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
     off_m = pid_m * BLOCK_M
     off_n = pid_n * BLOCK_N
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
@@ -92,15 +85,20 @@ def _w8a8_tma_kernel(
     tl.store(out_ptr + rm[:, None] * N + rn[None, :], out.to(out_ptr.dtype.element_ty), mask=mask)
 
 
+def gemm_output(x_codes: torch.Tensor, w_codes: torch.Tensor) -> tuple[int, int, int, torch.Tensor]:
+    """M, N, K of codes (M, K) x (N, K) and an fp16 (M, N) output buffer."""
+    M, K = x_codes.shape
+    N = w_codes.shape[0]
+    return M, N, K, torch.empty(M, N, dtype=torch.float16, device=x_codes.device)
+
+
 def tma_gemm(x_codes: torch.Tensor, x_scale: torch.Tensor, w_codes: torch.Tensor, w_scale: torch.Tensor,
              bias: torch.Tensor, tile: tuple[int, int, int, int, int]) -> torch.Tensor:
     """Launch :func:`_w8a8_tma_kernel` with one explicit tile."""
     from triton.tools.tensor_descriptor import TensorDescriptor
 
     bm, bn, bk, warps, stages = tile
-    M, K = x_codes.shape
-    N = w_codes.shape[0]
-    out = torch.empty(M, N, dtype=torch.float16, device=x_codes.device)
+    M, N, K, out = gemm_output(x_codes, w_codes)
     x_desc = TensorDescriptor.from_tensor(x_codes, [bm, bk])
     w_desc = TensorDescriptor.from_tensor(w_codes, [bn, bk])
     grid = (triton.cdiv(M, bm) * triton.cdiv(N, bn),)
@@ -113,13 +111,11 @@ def library_gemm(x_codes: torch.Tensor, x_scale: torch.Tensor, w_codes: torch.Te
                  bias: torch.Tensor, tile: tuple[int, int, int, int, int]) -> torch.Tensor:
     """The library's W8A8 kernel with one explicit tile and launch shape."""
     bm, bn, bk, warps, stages = tile
-    M, K = x_codes.shape
-    N = w_codes.shape[0]
-    out = torch.empty(M, N, dtype=torch.float16, device=x_codes.device)
+    M, N, K, out = gemm_output(x_codes, w_codes)
     grid = (triton.cdiv(M, bm) * triton.cdiv(N, bn),)
     w8a8_gemm._w8a8_plain[grid](
         x_codes, w_codes, x_scale, w_scale, w_scale, w_scale, w_scale, bias, out, M, N, K,
-        HAS_BIAS=True, HAS_XZERO=False, HAS_WZERO=False, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
+        HAS_BIAS=True, HAS_XZERO=False, HAS_WZERO=False, X_PER_ROW=True, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
         GROUP_M=w8a8_gemm.GROUP_M, num_warps=warps, num_stages=stages,
     )
     return out
