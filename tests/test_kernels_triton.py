@@ -470,3 +470,24 @@ def test_kernels_do_not_pass_an_accumulator_to_int_dots() -> None:
                 offenders.append(f"{source.name}:{node.lineno}")
     assert not offenders, offenders
     assert any("tl.dot(" in s.read_text() for s in kernel_dir.glob("*.py"))  # the scan sees the kernels
+
+
+def test_gpu_kernel_sweep_runs_every_variant_in_the_interpreter(tmp_path: Path) -> None:
+    """``tools/gpu_kernel_sweep.py --smoke``: every section and kernel variant of the GPU session's
+    instrument runs (tiny shapes, Triton's interpreter) and matches its reference, so a lent GPU's
+    minutes are not lost to a broken tool."""
+    import json
+
+    out = tmp_path / "sweep.json"
+    tool = Path(__file__).resolve().parents[1] / "tools" / "gpu_kernel_sweep.py"
+    result = subprocess.run(
+        [sys.executable, str(tool), "--smoke", "--json", str(out)],
+        env={**os.environ, "TRITON_INTERPRET": "1"}, capture_output=True, text=True, timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = json.loads(out.read_text())["rows"]
+    assert {row["section"] for row in rows} == {"gemm", "attention", "layer"}
+    assert not [row for row in rows if "error" in row]
+    assert all(row["rel_err"] < 2e-2 for row in rows if "rel_err" in row)
+    assert {row["method"] for row in rows if row["section"] == "gemm"} >= {
+        "library_autotuned", "w8a8_library", "w8a8_tma", "w4a8_library_autotuned_presplit"}
