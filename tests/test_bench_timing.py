@@ -24,3 +24,19 @@ def test_queued_samples_time_each_call_and_divide() -> None:
     assert calls == {"sleep": 1 + 3 * 4, "fast": 1 + 3 * 4}
     assert 9.0 < timings["sleep"] < 40.0  # ~10 ms per call, not ~40 ms per sample of 4
     assert timings["fast"] < timings["sleep"]
+
+
+def test_xl_workload_has_stdit3_xl_layers_and_runs_a_480p_frame() -> None:
+    """``bench model --models xl``: STDiT3-XL layer sizes; one guided sampling step at one latent
+    frame of the 480p grid (30 x 53 patches) runs and keeps the latent's shape."""
+    from dataclasses import replace
+
+    from tfmq_video.bench.model import XL_LATENT, sample_fn, xl_workload
+
+    work = xl_workload(steps=1, depth=1)
+    config = work.model.config
+    assert (config.hidden_size, config.num_heads, config.caption_channels, work.caption_tokens) == (1152, 16, 4096, 300)
+    assert XL_LATENT[1] * (XL_LATENT[2] // 2) * (XL_LATENT[3] // 2) == 20670
+    one_frame = replace(work, latent_shape=(XL_LATENT[0], 1, XL_LATENT[2], XL_LATENT[3]))
+    out = sample_fn(one_frame, work.model, torch.device("cpu"))()
+    assert out.shape[1:] == one_frame.latent_shape and torch.isfinite(out).all()

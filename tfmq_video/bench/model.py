@@ -1,7 +1,11 @@
 """``tfmq-video bench model``: one full sampling run at fp32, bf16, W8A8 and W4A8 per backend.
 
-Models: the bundled toy STDiT3 (if its folder is present) and a mid-size random STDiT3
-(STDiT3-XL head dim 72, 2048 video tokens per sample, CFG doubles the batch). Quantized models
+Models: the bundled toy STDiT3 (if its folder is present), a mid-size random STDiT3
+(STDiT3-XL head dim 72, 2048 video tokens per sample, CFG doubles the batch) and, for GPUs,
+``xl``: a random STDiT3 with STDiT3-XL's layer sizes (hidden 1152, 16 heads, 300 caption
+tokens of 4096 channels) and only ``--xl-depth`` block pairs (default 4 of 28) at Open-Sora's
+480p 51-frame latent (13 x 30 x 53 = 20,670 tokens per sample): the shapes where int8 kernels
+pay off, at a depth a short device call can afford. Quantized models
 come from RTN records, go through export and ``load_quantized`` (so the on-disk format is what
 runs), and use dynamic per-token int8 activations with the TIB and embedders in full precision.
 A W8A8 row with static per-tensor activation scales (min-max over one FP step) times the
@@ -41,6 +45,7 @@ MID_CONFIG = STDiT3Config(
     caption_channels=512, model_max_length=32, pred_sigma=False,
 )
 MID_LATENT = (4, 8, 32, 32)  # (C, T, H, W): 8 frames of 16 x 16 patches = 2048 tokens per sample
+XL_LATENT = (4, 13, 60, 106)  # Open-Sora 1.2 at 480p x 848, 51 frames: 13 latent frames of 30 x 53 patches
 
 
 @dataclass
@@ -73,14 +78,27 @@ def toy_workload(steps: int | None) -> Workload | None:
 
 def mid_workload(steps: int) -> Workload:
     """A mid-size random STDiT3 (hidden 576, 8 heads of 72, 2 + 2 blocks, 2048 tokens per sample)."""
+    sampler = SamplerConfig(num_steps=steps, guidance_scale=4.0, fixed_shift=3.0)
+    return Workload("mid-stdit3-random", random_stdit3(MID_CONFIG), MID_LATENT, MID_CONFIG.model_max_length, sampler)
+
+
+def random_stdit3(config: STDiT3Config) -> STDiT3:
+    """A seeded random STDiT3 in which every Linear does real work (upstream init zeroes some)."""
     torch.manual_seed(0)
-    model = STDiT3(MID_CONFIG)
+    model = STDiT3(config)
     model.initialize_weights()
-    for module in model.modules():  # upstream init zeroes some projections: give every layer real work
+    for module in model.modules():
         if isinstance(module, nn.Linear) and module.weight.abs().max() == 0:
             nn.init.normal_(module.weight, std=0.02)
-    sampler = SamplerConfig(num_steps=steps, guidance_scale=4.0, fixed_shift=3.0)
-    return Workload("mid-stdit3-random", model.eval(), MID_LATENT, MID_CONFIG.model_max_length, sampler)
+    return model.eval()
+
+
+def xl_workload(steps: int, depth: int = 4) -> Workload:
+    """STDiT3-XL layer sizes with ``depth`` block pairs at the 480p 51-frame latent (random weights)."""
+    config = STDiT3Config(depth=depth)
+    sampler = SamplerConfig(num_steps=steps, guidance_scale=7.0, fixed_shift=3.0)
+    return Workload(f"xl{depth}-stdit3-random-480p", random_stdit3(config), XL_LATENT, config.model_max_length,
+                    sampler, fps=24.0, pixel_size=480)
 
 
 def sample_fn(work: Workload, model: nn.Module, device: torch.device) -> Callable[[], torch.Tensor]:
@@ -110,8 +128,20 @@ def state_bytes(model: nn.Module) -> int:
 
 
 @torch.no_grad()
-def static_records(work: Workload, bits: int) -> list:
-    """RTN records with static per-tensor activation scales (max |x| / 127 over one FP sampling step).
+def fp_pass(work: Workload, device: torch.device, steps: int | None = None) -> None:
+    """One FP sampling run of ``work.model`` on ``device`` (for hooks that record activations); the
+    model goes back to the CPU afterwards."""
+    sampler = work.sampler if steps is None else replace(work.sampler, num_steps=steps)
+    try:
+        sample_fn(replace(work, sampler=sampler), work.model.to(device), device)()
+    finally:
+        work.model.cpu()
+
+
+@torch.no_grad()
+def static_records(work: Workload, bits: int, device: torch.device | None = None) -> list:
+    """RTN records with static per-tensor activation scales (max |x| / 127 over one FP sampling step,
+    run on ``device``, default CPU).
 
     A stand-in for calibrated static (FSC) parameters: enough to time the static-scale kernels.
     """
@@ -124,7 +154,7 @@ def static_records(work: Workload, bits: int) -> list:
         for r in records
     ]
     try:
-        sample_fn(replace(work, sampler=replace(work.sampler, num_steps=1)), work.model, torch.device("cpu"))()
+        fp_pass(work, device or torch.device("cpu"), steps=1)
     finally:
         for hook in hooks:
             hook.remove()
@@ -135,8 +165,9 @@ def static_records(work: Workload, bits: int) -> list:
 
 
 @torch.no_grad()
-def per_timestep_records(work: Workload, bits: int) -> tuple[list, list[float]]:
-    """RTN records with per-timestep (FSC) activation scales, max |x| / 127 per step of one FP sampling run.
+def per_timestep_records(work: Workload, bits: int, device: torch.device | None = None) -> tuple[list, list[float]]:
+    """RTN records with per-timestep (FSC) activation scales, max |x| / 127 per step of one FP sampling
+    run (on ``device``, default CPU).
 
     Returns the records and the calibrated timesteps (in the order the sampler visits them).
     """
@@ -158,7 +189,7 @@ def per_timestep_records(work: Workload, bits: int) -> tuple[list, list[float]]:
         layer = work.model.get_submodule(r.name)
         hooks.append(layer.register_forward_pre_hook(lambda m, a, name=r.name: on_layer(m, a, name)))
     try:
-        sample_fn(work, work.model, torch.device("cpu"))()
+        fp_pass(work, device or torch.device("cpu"))
     finally:
         for hook in hooks:
             hook.remove()
@@ -190,8 +221,8 @@ def variants(
     builders = {
         "w8a8": lambda: (8, "dynamic", rtn_records(work.model, RTNConfig(weight_bits=8)), None),
         "w4a8": lambda: (4, "dynamic", rtn_records(work.model, RTNConfig(weight_bits=4)), None),
-        "w8a8_static": lambda: (8, "static", static_records(work, 8), None),
-        "w8a8_fsc": lambda: (8, "fsc", *per_timestep_records(work, 8)),
+        "w8a8_static": lambda: (8, "static", static_records(work, 8, device), None),
+        "w8a8_fsc": lambda: (8, "fsc", *per_timestep_records(work, 8, device)),
     }
     for scheme in schemes:
         bits, act, records, timesteps = builders[scheme]()
@@ -245,8 +276,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", dest="json_path", help="write the rows and the machine description here")
     parser.add_argument("--device", default="auto", help="cpu, cuda or auto (default)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
-    parser.add_argument("--models", nargs="*", default=["toy", "mid"], choices=["toy", "mid"])
-    parser.add_argument("--steps", type=int, default=3, help="sampling steps of the mid-size model (default 3)")
+    parser.add_argument("--models", nargs="*", default=["toy", "mid"], choices=["toy", "mid", "xl"],
+                        help="xl: STDiT3-XL layer sizes at 480p, 51 frames (for GPUs; minutes per row on a CPU)")
+    parser.add_argument("--steps", type=int, default=3, help="sampling steps of the mid-size and xl models (default 3)")
+    parser.add_argument("--xl-depth", type=int, default=4, help="block pairs of the xl model (STDiT3-XL has 28)")
     parser.add_argument("--toy-steps", type=int, default=None, help="sampling steps of the toy model (default: its own)")
     parser.add_argument("--repeat", type=int, default=1, help="timed sampling runs per row (median)")
     parser.add_argument("--backends", nargs="*", default=None, help="default: every backend that can run here")
@@ -270,6 +303,8 @@ def run(args: argparse.Namespace) -> int:
         workloads.append(toy_workload(args.toy_steps))
     if "mid" in args.models:
         workloads.append(mid_workload(args.steps))
+    if "xl" in args.models:
+        workloads.append(xl_workload(args.steps, args.xl_depth))
     rows = []
     for work in workloads:
         if work is not None:
