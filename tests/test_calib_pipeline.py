@@ -274,3 +274,38 @@ def test_bias_correction_matches_every_layer_mean_to_fp(model: torch.nn.Module, 
         assert gap < 1e-5 * max(float(fp_means.mean(name).abs().max()), 1.0) and gap < plain_gap / 10, name
     reference = sample_tiny(qmodel, seed=3)
     assert torch.equal(sample_tiny(load_calibrated(save_calibrated(qmodel, tmp_path / "ckpt")), seed=3), reference)
+
+
+def test_trajectory_selection_trades_a_repeated_bias_for_independent_errors() -> None:
+    """One TIB error repeated at every step (|b|^2 = 1) against larger independent cache errors
+    (|e_s|^2 = 2, orthogonal): per step the TIB wins everywhere, but its drift over 4 steps costs
+    more. The trajectory choice mixes, and its cost is below either strategy everywhere."""
+    from tfmq_video.calib.selection import select_for_trajectory, select_strategies, trajectory_cost
+
+    steps, dim = 4, 16
+    fp = torch.zeros(steps, dim)
+    bias = torch.zeros(dim)
+    bias[0] = 1.0
+    tib = fp + bias
+    cache = torch.zeros(steps, dim)
+    for step in range(steps):
+        cache[step, 1 + step] = 2.0 ** 0.5
+    per_step = select_strategies({"f": tib.pow(2).sum(1)}, {"f": cache.pow(2).sum(1)})["f"]
+    assert not per_step.any()  # the per-step criterion keeps the TIB at every step
+    choices, costs = select_for_trajectory({"f": tib}, {"f": cache}, {"f": fp})
+    assert costs["f"]["tib"] == pytest.approx(float(trajectory_cost(tib - fp))) == pytest.approx(20.0)
+    assert costs["f"]["cache"] == pytest.approx(16.0)
+    assert costs["f"]["selected"] < min(costs["f"]["tib"], costs["f"]["cache"])
+    assert 1 <= int(choices["f"].sum()) <= 3  # a mix: k TIB steps cost 16 - 3k + k^2, least at k = 1, 2
+
+
+def test_selection_by_trajectory_records_its_costs(model: torch.nn.Module, calibration: CalibrationSet) -> None:
+    """``tib.select_by: trajectory`` in the pipeline: the report holds the three costs per feature
+    and the selection is never worse than serving one strategy at every step."""
+    tib = FAST.tib.model_copy(update={"select_by": "trajectory"})
+    qmodel = tfmq_video.quantize(model, "opensora-stdit3", calibration,
+                                 method_recipe("tfmq", 4, 8, FAST.model_copy(update={"tib": tib})))
+    costs = qmodel.report["temporal"]["trajectory_costs"]
+    for name in ("t", "t_mlp"):
+        assert costs[name]["selected"] <= min(costs[name]["tib"], costs[name]["cache"]) + 1e-12
+        assert len(qmodel.report["temporal"]["choices"][name]) == len(calibration.timesteps)

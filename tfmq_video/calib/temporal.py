@@ -9,7 +9,12 @@ from torch import nn
 
 from tfmq_video.calib.cache import TemporalFeatureCache
 from tfmq_video.calib.recorder import CalibrationSet
-from tfmq_video.calib.selection import describe_choices, output_errors, select_strategies
+from tfmq_video.calib.selection import (
+    describe_choices,
+    output_errors,
+    select_for_trajectory,
+    select_strategies,
+)
 from tfmq_video.calib.tiar import reconstruct_tib
 from tfmq_video.calib.tib import TemporalInformationBlock, feature_errors, mean_error
 from tfmq_video.quant.config import RecipeConfig
@@ -39,15 +44,20 @@ def _selection(
     cache: TemporalFeatureCache, tib_errors: dict[str, torch.Tensor], cache_errors: dict[str, torch.Tensor],
     calibration: CalibrationSet | None, report: dict[str, Any],
 ) -> dict[str, torch.Tensor]:
-    """The per (feature, step) choices: by feature error, or by the FP model's output error
-    (``tib.select_by: output``, which needs the calibration calls; its errors go to the report)."""
+    """The per (feature, step) choices: by feature error, by the trajectory cost of the feature
+    errors (``tib.select_by: trajectory``; costs go to the report) or by the FP model's output
+    error (``output``, which needs the calibration calls; its errors go to the report)."""
     if recipe.tib.select_by == "feature":
         return select_strategies(tib_errors, cache_errors)
-    if calibration is None:
-        raise ValueError("tib.select_by: output needs the calibration set")
     with torch.no_grad():
         candidates = {"tib": {k: v.detach() for k, v in tib.features(qmodel.model, qmodel).items()},
                       "cache": cache.all_features()}
+    if recipe.tib.select_by == "trajectory":
+        choices, costs = select_for_trajectory(candidates["tib"], candidates["cache"], tib.fp_features(fp_model))
+        report["trajectory_costs"] = costs
+        return choices
+    if calibration is None:
+        raise ValueError("tib.select_by: output needs the calibration set")
     errors = output_errors(fp_model, qmodel.adapter, calibration, candidates, recipe.progress)
     report["output_errors"] = {strategy: _as_lists(values) for strategy, values in errors.items()}
     return select_strategies(errors["tib"], errors["cache"])

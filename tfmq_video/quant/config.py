@@ -85,8 +85,8 @@ class TIBConfig(_Section):
     ``fsc`` (per-timestep activation parameters), ``cache`` (precomputed quantized features)
     and ``select`` (per feature and timestep, keep whichever of the quantized TIB and the cache
     has the lower error; needs ``cache``), the error being the feature's own (``select_by:
-    feature``) or the FP model's output error with that feature served (``select_by: output``,
-    :mod:`tfmq_video.calib.selection`). ``layerwise_reconstruction`` (the Q-Diffusion/BRECQ
+    feature``), the FP model's output error with that feature served (``output``) or the feature
+    errors plus their drift summed over the steps (``trajectory``; :mod:`tfmq_video.calib.selection`). ``layerwise_reconstruction`` (the Q-Diffusion/BRECQ
     treatment of layers outside the blocks, an alternative to ``tiar``): every TIB layer is
     reconstructed on its own against its FP output over the calibrated timesteps. Both use
     ``iterations`` (per TIB layer: TIAR, which optimizes all of them at once, runs ``iterations`` times
@@ -99,7 +99,7 @@ class TIBConfig(_Section):
     fsc: bool = True
     cache: bool = True
     select: bool = True
-    select_by: Literal["feature", "output"] = "feature"
+    select_by: Literal["feature", "output", "trajectory"] = "feature"
     layerwise_reconstruction: bool = False
     cache_bits: int | None = None  # default: 8 (see RecipeConfig.cache_bits)
     cache_group_size: int | None = Field(32, ge=1)  # channels per cache scale; None: one scale per step and feature
