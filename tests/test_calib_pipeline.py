@@ -309,3 +309,21 @@ def test_selection_by_trajectory_records_its_costs(model: torch.nn.Module, calib
     for name in ("t", "t_mlp"):
         assert costs[name]["selected"] <= min(costs[name]["tib"], costs[name]["cache"]) + 1e-12
         assert len(qmodel.report["temporal"]["choices"][name]) == len(calibration.timesteps)
+
+
+def test_error_structure_tells_a_repeated_error_from_independent_ones() -> None:
+    """``tools/temporal_error_structure.py``: one error at every step has cosine 1 between steps and
+    all its energy in the common component; orthogonal per-step errors have cosine 0 and 1/S."""
+    import importlib.util
+
+    tool = Path(__file__).resolve().parents[1] / "tools" / "temporal_error_structure.py"
+    spec = importlib.util.spec_from_file_location("temporal_error_structure", tool)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    reference = torch.ones(4, 8)
+    repeated = module.error_structure(torch.full((4, 8), 0.1), reference)
+    independent = module.error_structure(torch.eye(4, 8) * 0.1, reference)
+    assert repeated["mean_cos_between_steps"] == pytest.approx(1.0) and repeated["common_share"] == pytest.approx(1.0)
+    assert independent["mean_cos_between_steps"] == pytest.approx(0.0, abs=1e-12)
+    assert independent["common_share"] == pytest.approx(0.25)
+    assert repeated["rel_err"] == pytest.approx(0.01) and independent["rel_err"] == pytest.approx(0.01 / 8)
