@@ -18,13 +18,13 @@ Three measures of "error" (``tib.select_by``):
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 import torch
 from torch import nn
 from tqdm import tqdm
 
-from dit_adapters.base import DiTAdapter, TemporalFeatures
+from dit_adapters.base import DiTAdapter, TemporalFeatures, TemporalOverride
 from tfmq_video.calib.recorder import CalibrationSet, RecordedCall
 
 
@@ -88,10 +88,12 @@ def _calls_by_step(calibration: CalibrationSet) -> dict[int, list[RecordedCall]]
     return by_step
 
 
-def _serving(name: str, value: torch.Tensor):  # noqa: ANN202 (a TemporalOverride)
+def _serving(name: str, value: torch.Tensor) -> TemporalOverride:
     """An override that computes the FP features and replaces ``name`` by ``value`` (dim,) in every row."""
 
-    def override(timestep: torch.Tensor, conditions: Mapping[str, torch.Tensor], compute) -> TemporalFeatures:  # noqa: ANN001
+    def override(
+        timestep: torch.Tensor, conditions: Mapping[str, torch.Tensor], compute: Callable[[], TemporalFeatures]
+    ) -> TemporalFeatures:
         features = dict(compute())
         reference = features[name]
         features[name] = value.to(reference.dtype).expand_as(reference)
