@@ -300,11 +300,12 @@ def test_trajectory_selection_trades_a_repeated_bias_for_independent_errors() ->
 
 
 def test_selection_by_trajectory_records_its_costs(model: torch.nn.Module, calibration: CalibrationSet) -> None:
-    """``tib.select_by: trajectory`` in the pipeline: the report holds the three costs per feature
-    and the selection is never worse than serving one strategy at every step."""
-    tib = FAST.tib.model_copy(update={"select_by": "trajectory"})
-    qmodel = tfmq_video.quantize(model, "opensora-stdit3", calibration,
-                                 method_recipe("tfmq", 4, 8, FAST.model_copy(update={"tib": tib})))
+    """``tib.select_by: trajectory`` in the pipeline (the ``tfmq-trajectory`` method): the report
+    holds the three costs per feature and the selection is never worse than serving one strategy
+    at every step."""
+    recipe = method_recipe("tfmq-trajectory", 4, 8, FAST)
+    assert recipe.tib.select_by == "trajectory" and method_recipe("tfmq", 4, 8, FAST).tib.select_by == "feature"
+    qmodel = tfmq_video.quantize(model, "opensora-stdit3", calibration, recipe)
     costs = qmodel.report["temporal"]["trajectory_costs"]
     for name in ("t", "t_mlp"):
         assert costs[name]["selected"] <= min(costs[name]["tib"], costs[name]["cache"]) + 1e-12

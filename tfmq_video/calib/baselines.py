@@ -8,7 +8,10 @@
 - ``viditq``: dynamic per-token activations, TIB kept FP, min-max per-channel weights.
 - ``tfmq-tiar``: TIAR only (static TIB activations), plus block reconstruction.
 - ``tfmq-fsc``: FSC per-timestep TIB activations and the cache with selection, no TIAR.
-- ``tfmq``: TIAR + FSC + cache + disturbance-aware selection + block reconstruction.
+- ``tfmq``: TIAR + FSC + cache + disturbance-aware selection + block reconstruction (the
+  selection criterion is the base recipe's ``tib.select_by``).
+- ``tfmq-trajectory``: ``tfmq`` with ``tib.select_by: trajectory`` (the per-step choices that
+  minimize the served errors plus their drift over the steps; docs/calibration.md).
 - ``tfmq-dynamic``: ``tfmq`` in the TIB, dynamic per-token activations everywhere else
   (per-timestep static parameters where the input set is finite, dynamic ones elsewhere).
 """
@@ -43,6 +46,9 @@ METHODS: dict[str, dict[str, dict[str, Any]]] = {
     "tfmq-fsc": {"tib": {**TIB_OFF, "fsc": True, "cache": True, "select": True}, "reconstruction": {"enabled": True}},
     "tfmq": {"tib": {**TIB_OFF, "tiar": True, "fsc": True, "cache": True, "select": True},
              "reconstruction": {"enabled": True}},
+    "tfmq-trajectory": {"tib": {**TIB_OFF, "tiar": True, "fsc": True, "cache": True, "select": True,
+                                "select_by": "trajectory"},
+                        "reconstruction": {"enabled": True}},
     "tfmq-dynamic": {"tib": {**TIB_OFF, "tiar": True, "fsc": True, "cache": True, "select": True},
                      "reconstruction": {"enabled": True}, "activation": {"mode": "dynamic_per_token"}},
 }
