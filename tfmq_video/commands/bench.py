@@ -1,4 +1,4 @@
-"""``tfmq-video bench {kernels,model,quality}``: each benchmark prints a table and writes JSON."""
+"""``tfmq-video bench {kernels,model,quality,seeds}``: each benchmark prints a table and writes JSON."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ BENCHMARKS: dict[str, tuple[str, str]] = {
     "kernels": ("tfmq_video.bench.kernels", "quantized GEMM and attention kernels against fp32, bf16 and torchao"),
     "model": ("tfmq_video.bench.model", "full sampling runs at fp32, bf16, W8A8 and W4A8 on every backend"),
     "quality": ("tfmq_video.commands.bench_quality", "quality table on the toy world: FP, baselines, TFMQ (FVD, PSNR)"),
+    "seeds": ("tfmq_video.commands.bench_seeds", "methods compared over calibration seeds, from several quality runs"),
 }
 
 

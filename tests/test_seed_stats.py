@@ -1,0 +1,86 @@
+"""``bench seeds``: merging quality runs, the exact rank test, the tables and the command."""
+
+from __future__ import annotations
+
+import json
+from math import comb
+from pathlib import Path
+
+import pytest
+
+from tfmq_video.calib.seed_stats import (
+    compare_methods,
+    mann_whitney_p,
+    mann_whitney_u,
+    merge_runs,
+    seeds_table,
+)
+from tfmq_video.cli import main
+from tfmq_video.errors import ConfigError
+
+FP_ROWS = [{"method": "fp", "wbits": 32, "abits": 32, "num_videos": 8, "fvd": 5.0, "fvd_fp": 0.0, "psnr_fp": None},
+           {"method": "fp-reseed", "wbits": 32, "abits": 32, "num_videos": 8, "reseed": 1, "fvd": 4.0,
+            "fvd_fp": 0.07, "psnr_fp": 17.0}]
+
+
+def _rows(method: str, values: dict[int, float]) -> list[dict]:
+    return [{"method": method, "wbits": 4, "abits": 8, "num_videos": 8, "calib_seed": seed, "fvd": 6.0 + v,
+             "fvd_fp": v, "psnr_fp": 30.0 - v} for seed, v in values.items()]
+
+
+def test_exact_test_matches_the_counting_definition() -> None:
+    # every value of a below every value of b: only 1 of the C(6, 3) splits reaches U = 9
+    assert mann_whitney_u([1, 2, 3], [4, 5, 6]) == 9
+    assert mann_whitney_p([1, 2, 3], [4, 5, 6]) == pytest.approx(1 / comb(6, 3))
+    assert mann_whitney_p([1, 2, 3, 4], [5, 6, 7, 8]) == pytest.approx(1 / comb(8, 4))
+    assert mann_whitney_p([4, 5, 6], [1, 2, 3]) == 1.0  # a worse everywhere
+    assert mann_whitney_p([4, 5, 6], [1, 2, 3], lower_is_better=False) == pytest.approx(1 / 20)
+    assert mann_whitney_u([1, 2], [2, 3]) == 3.5  # the tie counts half
+    # interleaved values: U = 6 of 9 (a1 < b1, b2, b3; a2 < b2, b3; a3 < b3), reached by 7 of 20 splits
+    assert mann_whitney_p([1, 3, 5], [2, 4, 6]) == pytest.approx(7 / 20)
+
+
+def test_runs_merge_once_and_comparisons_name_the_better_method() -> None:
+    first = {"rows": FP_ROWS + _rows("tfmq", {0: 0.10, 1: 0.05})}
+    second = {"rows": FP_ROWS + _rows("qdiffusion", {0: 0.2, 1: 0.15, 2: 0.12}) + _rows("tfmq", {2: 0.08})}
+    rows = merge_runs([("a.json", first), ("b.json", second)])
+    assert len(rows) == 2 + 3 + 3  # the FP rows once
+    by_pair = {(c.metric, c.method_a, c.method_b): c for m in ("fvd_fp", "psnr_fp") for c in compare_methods(rows, m)}
+    assert by_pair["fvd_fp", "tfmq", "qdiffusion"].wins == 1.0
+    assert by_pair["fvd_fp", "qdiffusion", "tfmq"].wins == 0.0
+    assert by_pair["psnr_fp", "tfmq", "qdiffusion"].p_value == pytest.approx(1 / 20)  # higher is better
+    table = seeds_table(rows, ["fvd_fp"])
+    assert "| tfmq | 4 | 8 | 8 | 0,1,2 | 0.1 / 0.05 / 0.08 (0.07667 ± 0.025) |" in table
+
+
+def test_runs_scored_against_other_fp_videos_are_refused() -> None:
+    other_fp = [dict(FP_ROWS[0], fvd=5.5), FP_ROWS[1]]
+    with pytest.raises(ConfigError, match="not scored against the same FP videos"):
+        merge_runs([("a.json", {"rows": FP_ROWS}), ("b.json", {"rows": other_fp})])
+    with pytest.raises(ConfigError, match="not a `bench quality` record"):
+        merge_runs([("c.json", [1, 2])])
+
+
+def test_bench_seeds_command_writes_tables_json_and_plot(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    (tmp_path / "a.json").write_text(json.dumps({"rows": FP_ROWS + _rows("tfmq", {0: 0.1, 1: 0.05})}))
+    (tmp_path / "b.json").write_text(json.dumps({"rows": FP_ROWS + _rows("rtn", {0: 1.0, 1: 1.4})}))
+    out, plot = tmp_path / "s.json", tmp_path / "s.png"
+    assert main(["bench", "seeds", str(tmp_path / "a.json"), str(tmp_path / "b.json"), "--json", str(out),
+                 "--plot", str(plot), "--metrics", "fvd_fp", "psnr_fp"]) == 0
+    printed = capsys.readouterr().out
+    assert "| fvd_fp | 4 | 8 | 8 | tfmq | rtn | 2, 2 | 1.00 | 0.167 |" in printed
+    record = json.loads(out.read_text())
+    assert {c["method_a"] for c in record["comparisons"]} == {"tfmq", "rtn"} and len(record["rows"]) == 6
+    assert plot.stat().st_size > 10_000
+
+
+def test_bench_seeds_bad_input_fails_cleanly(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    (tmp_path / "a.json").write_text(json.dumps({"rows": FP_ROWS + _rows("tfmq", {0: 0.1})}))
+    out = tmp_path / "s.json"
+    assert main(["bench", "seeds", str(tmp_path / "missing.json"), "--json", str(out)]) == 2
+    assert "missing.json: no such file" in capsys.readouterr().err
+    assert main(["bench", "seeds", str(tmp_path / "a.json"), "--metrics", "ssim"]) == 2
+    assert "unknown metrics ['ssim']" in capsys.readouterr().err
+    assert main(["bench", "seeds", str(tmp_path / "a.json"), "--methods", "gptq"]) == 2
+    assert "no rows of ['gptq']" in capsys.readouterr().err
+    assert not out.exists()
