@@ -54,6 +54,8 @@ def test_runs_merge_once_and_comparisons_name_the_better_method() -> None:
 
 
 def test_runs_scored_against_other_fp_videos_are_refused() -> None:
+    rescored = [dict(FP_ROWS[0], fvd=5.0 + 4e-7, fvd_fp=5e-9), FP_ROWS[1]]  # same videos, another process
+    assert len(merge_runs([("a.json", {"rows": FP_ROWS}), ("b.json", {"rows": rescored})])) == 2
     other_fp = [dict(FP_ROWS[0], fvd=5.5), FP_ROWS[1]]
     with pytest.raises(ConfigError, match="not scored against the same FP videos"):
         merge_runs([("a.json", {"rows": FP_ROWS}), ("b.json", {"rows": other_fp})])
