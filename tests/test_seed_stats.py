@@ -59,6 +59,9 @@ def test_runs_scored_against_other_fp_videos_are_refused() -> None:
     other_fp = [dict(FP_ROWS[0], fvd=5.5), FP_ROWS[1]]
     with pytest.raises(ConfigError, match="not scored against the same FP videos"):
         merge_runs([("a.json", {"rows": FP_ROWS}), ("b.json", {"rows": other_fp})])
+    rerun = _rows("qdiffusion", {3: 0.107})
+    with pytest.raises(ConfigError, match="same method and calibration seed gave other videos"):
+        merge_runs([("a.json", {"rows": FP_ROWS + rerun}), ("b.json", {"rows": FP_ROWS + _rows("qdiffusion", {3: 0.159})})])
     with pytest.raises(ConfigError, match="not a `bench quality` record"):
         merge_runs([("c.json", [1, 2])])
 

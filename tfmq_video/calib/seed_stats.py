@@ -8,7 +8,7 @@ FP videos, and compares two methods seed against seed:
 - ``wins``: the share of (seed of A, seed of B) pairs in which A is better;
 - ``p_value``: the exact one-sided Mann-Whitney U test of "A is better than B" (the share of
   the ways to split the pooled values into groups of the two sizes whose U is at least the one
-  observed). With 3 or 4 seeds a method the smallest reachable p is 1/35 (3 and 4) or 1/70
+  observed). With 3 or 4 seeds per method the smallest reachable p is 1/35 (3 and 4) or 1/70
   (4 and 4): few seeds cannot give strong evidence, and the table says how much they give.
 
 ``tfmq-video bench seeds RUN.json ...`` prints the per-seed values, the mean ± std and the
@@ -42,7 +42,7 @@ Setting = tuple[str, int, int, int]  # method, wbits, abits, num_videos
 
 @dataclass(frozen=True)
 class SeedComparison:
-    """Method ``better`` against ``worse`` on ``metric`` over their calibration seeds."""
+    """Method A against method B on ``metric`` over their calibration seeds."""
 
     metric: str
     setting: tuple[int, int, int]  # wbits, abits, num_videos
@@ -79,11 +79,13 @@ def merge_runs(records: Sequence[tuple[str, dict[str, Any]]]) -> list[dict[str, 
                 first_name, first = merged[key]
                 if any(not math.isclose(first[k], row[k], rel_tol=FP_MATCH_TOLERANCE, abs_tol=FP_MATCH_TOLERANCE)
                        for k in ("fvd", "fvd_fp")):
+                    why = ("they were not scored against the same FP videos (other model, captions, seeds or "
+                           "--num-videos), so their rows cannot be compared" if row["method"] in FP_METHODS else
+                           "the same method and calibration seed gave other videos (another machine or code "
+                           "version); pass only one of the two runs")
                     raise ConfigError(
                         f"{first_name} and {name} disagree on the row {key[:5]}: fvd {first['fvd']:.9g} vs "
-                        f"{row['fvd']:.9g}, fvd_fp {first['fvd_fp']:.9g} vs {row['fvd_fp']:.9g}; they were not "
-                        f"scored against the same FP videos (other model, captions, seeds or --num-videos), so "
-                        f"their rows cannot be compared")
+                        f"{row['fvd']:.9g}, fvd_fp {first['fvd_fp']:.9g} vs {row['fvd_fp']:.9g}; {why}")
                 continue
             merged[key] = (name, row)
     return [row for _, row in merged.values()]
