@@ -51,6 +51,11 @@ class BlockBatch:
         rows = {k: (None if v is None else v[index]) for k, v in self.rows.items()}
         return BlockBatch(self.hidden[index], rows, self.static, self.steps[index])
 
+    def to(self, device: torch.device | str) -> BlockBatch:
+        """The same rows with every per-row tensor on ``device`` (the token stream, ``rows``, ``steps``)."""
+        rows = {k: (None if v is None else v.to(device)) for k, v in self.rows.items()}
+        return BlockBatch(self.hidden.to(device), rows, self.static, self.steps.to(device))
+
     def with_hidden(self, hidden: torch.Tensor) -> BlockBatch:
         """The same rows with another token stream."""
         return BlockBatch(hidden, self.rows, self.static, self.steps)

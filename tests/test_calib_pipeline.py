@@ -12,7 +12,7 @@ import tfmq_video
 from tfmq_video.calib.baselines import METHODS, method_recipe
 from tfmq_video.calib.checkpoint import MANIFEST_NAME, load_calibrated, save_calibrated
 from tfmq_video.calib.recorder import CalibrationSet, StepRecorder
-from tfmq_video.calib.testing import sample_tiny, tiny_stdit3
+from tfmq_video.calib.testing import sample_tiny, tiny_calibration, tiny_stdit3
 from tfmq_video.errors import CheckpointError, ConfigError
 from tfmq_video.quant.config import RecipeConfig
 
@@ -328,3 +328,32 @@ def test_error_structure_tells_a_repeated_error_from_independent_ones() -> None:
     assert independent["mean_cos_between_steps"] == pytest.approx(0.0, abs=1e-12)
     assert independent["common_share"] == pytest.approx(0.25)
     assert repeated["rel_err"] == pytest.approx(0.01) and independent["rel_err"] == pytest.approx(0.01 / 8)
+
+
+def test_grafted_tib_serves_the_donor_features_and_keeps_the_blocks(tfmq_model, model: torch.nn.Module,
+                                                                     calibration: CalibrationSet) -> None:
+    from tfmq_video.calib.tib import TemporalInformationBlock, graft_tib
+
+    tib = TemporalInformationBlock.from_calibration(tfmq_model.adapter, calibration)
+    reference = sample_tiny(tfmq_model, seed=4)
+    # grafting a model's own TIB and cache gives the model back, and leaves the original untouched
+    itself = graft_tib(tfmq_model, tfmq_model.model, tfmq_model.temporal_cache)
+    assert torch.equal(sample_tiny(itself, seed=4), reference)
+    with_fp_tib = graft_tib(tfmq_model, model)
+    assert with_fp_tib.temporal_cache is None and torch.equal(sample_tiny(tfmq_model, seed=4), reference)
+    fp_features = tib.fp_features(model)
+    for name, value in tib.features(with_fp_tib.model, with_fp_tib).items():
+        assert torch.equal(value, fp_features[name])
+    # a Q-Diffusion TIB: its per-layer static quantizers, the same blocks as before
+    qdiffusion = tfmq_video.quantize(model, "opensora-stdit3", calibration, method_recipe("qdiffusion", 4, 8, FAST))
+    with_qd_tib = graft_tib(tfmq_model, qdiffusion.model)
+    served = tib.features(with_qd_tib.model, with_qd_tib)
+    for name, value in tib.features(qdiffusion.model, qdiffusion).items():
+        assert torch.equal(served[name], value)
+    blocks = [name for name, _ in tfmq_model.weight_layers("block")]
+    assert blocks and all(torch.equal(with_qd_tib.model.get_submodule(n).weight_quant.codes,
+                                      tfmq_model.model.get_submodule(n).weight_quant.codes) for n in blocks)
+    assert not torch.equal(sample_tiny(with_qd_tib, seed=4), reference)
+    other = tfmq_video.quantize(model, "opensora-stdit3", tiny_calibration(model, steps=[0, 1]), FAST)
+    with pytest.raises(ConfigError, match="other timesteps"):
+        graft_tib(tfmq_model, other.model, other.temporal_cache)

@@ -66,6 +66,14 @@ def test_runs_scored_against_other_fp_videos_are_refused() -> None:
         merge_runs([("c.json", [1, 2])])
 
 
+def test_runs_of_different_devices_are_refused() -> None:
+    on_gpu = [dict(row, device="cuda") for row in FP_ROWS + _rows("tfmq", {5: 0.1})]
+    assert len(merge_runs([("g.json", {"rows": on_gpu}), ("h.json", {"rows": on_gpu})])) == 3
+    # older records carry no device: they were all measured on CPU
+    with pytest.raises(ConfigError, match="a.json was measured on cpu and g.json on cuda"):
+        merge_runs([("a.json", {"rows": FP_ROWS}), ("g.json", {"rows": on_gpu})])
+
+
 def test_bench_seeds_command_writes_tables_json_and_plot(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     (tmp_path / "a.json").write_text(json.dumps({"rows": FP_ROWS + _rows("tfmq", {0: 0.1, 1: 0.05})}))
     (tmp_path / "b.json").write_text(json.dumps({"rows": FP_ROWS + _rows("rtn", {0: 1.0, 1: 1.4})}))

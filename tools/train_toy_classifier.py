@@ -21,9 +21,10 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from tfmq_video.checkpoint import write_folder
+from tfmq_video.devices import pick_device
 from tfmq_video.toy.classifier import ToyVideoClassifier
 from tfmq_video.toy.data import all_captions, clips_to_tensor, make_clips
-from tfmq_video.toy.training import EMA, RunState, load_run, pick_device, prefetched, save_run
+from tfmq_video.toy.training import EMA, RunState, load_run, prefetched, save_run
 
 log = logging.getLogger("train_toy_classifier")
 EVAL_SEED = 987_654

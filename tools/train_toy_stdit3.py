@@ -23,8 +23,9 @@ from dit_adapters.opensora.loading import load_stdit3, save_stdit3
 from dit_adapters.opensora.rflow import RFlowSampler
 from dit_adapters.opensora.stdit3 import STDiT3
 from eval_video._files import write_text_atomic
+from tfmq_video.devices import pick_device
 from tfmq_video.toy.data import FRAME_SIZE, NUM_FRAMES, clips_to_tensor, make_clips
-from tfmq_video.toy.training import EMA, RunState, load_run, pick_device, prefetched, save_run
+from tfmq_video.toy.training import EMA, RunState, load_run, prefetched, save_run
 from tfmq_video.toy.world import TOY_SAMPLER_CONFIG, TOY_STDIT3_CONFIG, model_kwargs, toy_text_encoder
 
 log = logging.getLogger("train_toy_stdit3")

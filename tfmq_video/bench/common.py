@@ -125,9 +125,3 @@ def write_json(path: str | os.PathLike | None, payload: dict) -> None:
     tmp.replace(target)
     print(f"wrote {target}")
 
-
-def pick_device(name: str) -> torch.device:
-    """``auto`` -> CUDA when available, else CPU."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)

@@ -17,12 +17,12 @@ from torch import nn
 
 from tfmq_video.bench.common import (
     machine_info,
-    pick_device,
     print_table,
     rel_error,
     time_interleaved_ms,
     write_json,
 )
+from tfmq_video.devices import pick_device
 from tfmq_video.export.rtn import RTNConfig, rtn_linear_record
 from tfmq_video.quant.records import ActivationRecord
 from tfmq_video.runtime.backends import resolve_backend

@@ -33,7 +33,8 @@ from torch._dynamo.utils import counters
 
 from dit_adapters.opensora.rflow import RFlowSampler, SamplerConfig, seeded_noise
 from dit_adapters.opensora.stdit3 import STDiT3, STDiT3Config
-from tfmq_video.bench.common import machine_info, pick_device, print_table, rel_error, time_ms, write_json
+from tfmq_video.bench.common import machine_info, print_table, rel_error, time_ms, write_json
+from tfmq_video.devices import pick_device
 from tfmq_video.export import RTNConfig, load_quantized, rtn_records, save_quantized
 from tfmq_video.quant.records import ActivationRecord
 from tfmq_video.runtime.backends import backend_problem

@@ -26,6 +26,7 @@ from tfmq_video.calib.reconstruction import reconstruct_blocks
 from tfmq_video.calib.recorder import CalibrationSet
 from tfmq_video.calib.temporal import maintain_temporal_features
 from tfmq_video.calib.tib import TemporalInformationBlock
+from tfmq_video.devices import model_device
 from tfmq_video.errors import ConfigError
 from tfmq_video.quant.config import RecipeConfig, parse_config
 from tfmq_video.quant.model import QuantizedModel, wrap_model
@@ -73,7 +74,7 @@ def quantize(
     timings["activation_ranges"] = time.perf_counter() - stage
 
     stage = time.perf_counter()
-    tib = TemporalInformationBlock.from_calibration(adapter, calibration)
+    tib = TemporalInformationBlock.from_calibration(adapter, calibration, model_device(model))
     temporal_report = maintain_temporal_features(qmodel, model, tib, recipe, calibration)
     timings["temporal"] = time.perf_counter() - stage
 

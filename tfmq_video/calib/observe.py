@@ -16,6 +16,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from tfmq_video.calib.recorder import CalibrationSet
+from tfmq_video.devices import model_device
 from tfmq_video.quant.model import QuantizedModel
 
 
@@ -34,16 +35,18 @@ class LayerIO:
 
 
 @contextmanager
-def recording_layer_io(model: nn.Module, names: Sequence[str]) -> Iterator[LayerIO]:
-    """Record the inputs and outputs of the submodules ``names`` while the block runs."""
+def recording_layer_io(model: nn.Module, names: Sequence[str],
+                       store: torch.device | str | None = None) -> Iterator[LayerIO]:
+    """Record the inputs and outputs of the submodules ``names`` while the block runs (kept where
+    they were computed, or moved to ``store``, e.g. ``"cpu"`` for many calls of a model on a GPU)."""
     seen = LayerIO()
 
     def hook(name: str) -> Callable[[nn.Module, tuple, torch.Tensor], None]:
         def record(_: nn.Module, args: tuple, output: torch.Tensor) -> None:
             if name not in seen.inputs:
                 seen.order.append(name)
-            seen.inputs.setdefault(name, []).append(args[0].detach())
-            seen.outputs.setdefault(name, []).append(output.detach())
+            seen.inputs.setdefault(name, []).append(args[0].detach().to(store or args[0].device))
+            seen.outputs.setdefault(name, []).append(output.detach().to(store or output.device))
 
         return record
 
@@ -58,13 +61,15 @@ def recording_layer_io(model: nn.Module, names: Sequence[str]) -> Iterator[Layer
 def observe_activations(qmodel: QuantizedModel, calibration: CalibrationSet, progress: bool = False) -> None:
     """Set every activation quantizer's parameters from the calibration calls."""
     quantizers = qmodel.activation_quantizers()
+    device = model_device(qmodel.model)
     for quantizer in quantizers:
         quantizer.observe()
     try:
         with torch.no_grad():
             for call in tqdm(calibration.calls, desc="activation ranges", leave=False, disable=not progress):
                 qmodel.context.set_index(call.step)
-                qmodel.model(*call.args, **call.kwargs)
+                args, kwargs = call.on(device)
+                qmodel.model(*args, **kwargs)
     except BaseException:
         for quantizer in quantizers:
             quantizer.state = "quant"

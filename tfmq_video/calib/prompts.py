@@ -28,6 +28,7 @@ from torch import nn
 
 from dit_adapters.opensora.rflow import SamplerConfig
 from tfmq_video.calib.recorder import CalibrationSet, calibration_seeds, record_calibration
+from tfmq_video.devices import model_device
 from tfmq_video.errors import ConfigError
 from tfmq_video.quant.config import CalibrationConfig, TextEncoderConfig, VideoConfig
 
@@ -165,11 +166,6 @@ class T5CaptionEncoder:
         return torch.cat(ys), torch.cat(masks)
 
 
-def _model_device(model: nn.Module) -> torch.device:
-    parameter = next(iter(model.parameters()), None)
-    return parameter.device if parameter is not None else torch.device("cpu")
-
-
 def encode_prompts(
     model: nn.Module, prompts: list[str], text_encoder: TextEncoderConfig, batch_size: int = 16
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -180,7 +176,7 @@ def encode_prompts(
     if dim is None:
         raise ConfigError(f"{Path(text_encoder.path) / 'config.json'} has no d_model: is it a T5 config?")
     check_caption_fit(model, int(dim), text_encoder.max_length, text_encoder.path)
-    encoder = T5CaptionEncoder(text_encoder, _model_device(model))
+    encoder = T5CaptionEncoder(text_encoder, model_device(model))
     y, mask = encoder.encode(prompts, batch_size)
     del encoder
     gc.collect()

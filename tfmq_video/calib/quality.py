@@ -39,6 +39,7 @@ from eval_video.frechet import frechet_distance_features
 from tfmq_video.calib.api import quantize
 from tfmq_video.calib.baselines import METHODS, method_recipe
 from tfmq_video.calib.recorder import CalibrationSet, record_toy_calibration
+from tfmq_video.devices import model_device
 from tfmq_video.quant.config import RecipeConfig
 
 DEFAULT_SETTINGS: tuple[tuple[int, int], ...] = ((8, 8), (4, 8), (4, 6))
@@ -62,6 +63,7 @@ class QualityPlan:
     model_path: str | None = None  # an STDiT3 folder; None: the bundled toy model
     fp_cache: str | None = None  # a folder keeping the FP videos between runs; None: regenerate
     fp_reseeds: int = 1  # FP runs with other seeds (rows ``fp-reseed``): the noise floor
+    device: str = "cpu"  # where the models sample and calibrate; scoring runs on CPU
 
 
 class ToyEvaluator:
@@ -110,13 +112,14 @@ class ToyEvaluator:
         return latents
 
     def cache_key(self, model: torch.nn.Module, reseed: int) -> str:
-        """Hex digest naming the FP videos of ``model`` for this evaluator."""
+        """Hex digest naming the FP videos of ``model`` for this evaluator (and the device type they
+        are sampled on: other devices round differently)."""
         from tfmq_video.calib.checkpoint import model_fingerprint
         from tfmq_video.toy.world import TOY_SAMPLER_CONFIG, VIDEO_SHAPE
 
         plan = json.dumps({"model": model_fingerprint(model), "captions": self.captions,
                            "seeds": self.seeds_for(reseed), "sampler": repr(TOY_SAMPLER_CONFIG),
-                           "shape": VIDEO_SHAPE})
+                           "shape": VIDEO_SHAPE, "device": model_device(model).type})
         return hashlib.sha256(plan.encode()).hexdigest()[:24]
 
     @torch.no_grad()
@@ -161,7 +164,7 @@ def quality_table(plan: QualityPlan, progress: bool = False) -> tuple[list[dict[
     """Rows of the quality table and per-step temporal-feature errors per (method, setting)."""
     from tfmq_video.toy.world import load_toy_stdit3
 
-    model = load_toy_stdit3(plan.model_path)
+    model = load_toy_stdit3(plan.model_path).to(plan.device)
     null = model.y_embedder.y_embedding
     evaluator = ToyEvaluator(plan.num_videos, plan.seed)
     fp = evaluator.generate_fp(model, null, False, plan.fp_cache)
@@ -200,6 +203,7 @@ def quality_table(plan: QualityPlan, progress: bool = False) -> tuple[list[dict[
                                 "final_output_error": errors[-1] if errors else None})
     for row in rows:
         row["num_videos"] = plan.num_videos
+        row["device"] = model_device(model).type
     return rows, curves
 
 

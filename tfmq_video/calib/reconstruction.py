@@ -8,7 +8,7 @@ is calibrated in execution order on the recorded (timestep-aware) calibration ro
 comes from the already quantized predecessors, its target is the FP unit's output on the FP
 input. AdaRound weights (and optionally LSQ activation steps) minimize the relative output
 error; the unit is then frozen and its quantized output feeds the next one. Inputs live on CPU
-for all rows (two streams: FP and quantized).
+for all rows (two streams: FP and quantized); minibatches move to the model's device.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ from dit_adapters.base import BlockBatch, DiTAdapter
 from tfmq_video.calib.observe import recording_layer_io
 from tfmq_video.calib.optimize import RoundingSchedule, optimize_rounding, relative_error
 from tfmq_video.calib.recorder import CalibrationSet
+from tfmq_video.devices import model_device
 from tfmq_video.quant.config import RecipeConfig
 from tfmq_video.quant.model import QuantizedModel
 from tfmq_video.quant.modules import QuantConv, QuantWeightLayer, activation_quantizers
@@ -33,13 +34,14 @@ from tfmq_video.quant.quantizers import StepContext
 
 def embed_calls(adapter: DiTAdapter, model: nn.Module, calibration: CalibrationSet,
                 context: StepContext | None) -> BlockBatch:
-    """First-block inputs of every recorded call (rows of all calls stacked)."""
+    """First-block inputs of every recorded call (rows of all calls stacked, on CPU)."""
     batches = []
+    device = model_device(model)
     with torch.no_grad():
         for call in calibration.calls:
             if context is not None:
                 context.set_index(call.step)
-            batch = adapter.embed(model, call.args, call.kwargs)
+            batch = adapter.embed(model, *call.on(device)).to("cpu")
             batch.steps = torch.full((len(batch),), call.step, dtype=torch.long)
             batches.append(batch)
     return BlockBatch.concat(batches)
@@ -60,13 +62,14 @@ def capture_embed_io(
     context: StepContext | None,
 ) -> tuple[list[str], dict[str, torch.Tensor], dict[str, torch.Tensor], torch.Tensor]:
     """Inputs and outputs of the layers ``names`` over every recorded call's embedding (rows of
-    all calls stacked): the layers in execution order, inputs, outputs and each row's step."""
+    all calls stacked, on CPU): the layers in execution order, inputs, outputs and each row's step."""
     steps = []
-    with recording_layer_io(model, names) as seen, torch.no_grad():
+    device = model_device(model)
+    with recording_layer_io(model, names, store="cpu") as seen, torch.no_grad():
         for call in calibration.calls:
             if context is not None:
                 context.set_index(call.step)
-            adapter.embed(model, call.args, call.kwargs)
+            adapter.embed(model, *call.on(device))
             steps.append(torch.full((len(call.args[0]),), call.step, dtype=torch.long))
     rows = torch.cat(steps)
     for name in seen.order:
@@ -108,14 +111,16 @@ def reconstruct_embeddings(
 
 def run_rows(runner: UnitRunner, block: nn.Module, batch: BlockBatch, chunk: int,
              context: StepContext | None) -> torch.Tensor:
-    """The unit's output for every row, in chunks, without gradients."""
+    """The unit's output for every row, in chunks, without gradients (rows move to the unit's
+    device chunk by chunk; the outputs come back to CPU)."""
     outputs = []
+    device = model_device(block)
     with torch.no_grad():
         for start in range(0, len(batch), chunk):
-            rows = batch.select(slice(start, start + chunk))
+            rows = batch.select(slice(start, start + chunk)).to(device)
             if context is not None:
                 context.row_indices = rows.steps
-            outputs.append(runner(block, rows))
+            outputs.append(runner(block, rows).to("cpu"))
     if context is not None:
         context.row_indices = None
     return torch.cat(outputs)
@@ -123,14 +128,16 @@ def run_rows(runner: UnitRunner, block: nn.Module, batch: BlockBatch, chunk: int
 
 def block_loss(runner: UnitRunner, block: nn.Module, rows: BlockBatch, target: torch.Tensor, context: StepContext,
                generator: torch.Generator, batch_size: int) -> Callable[[int], torch.Tensor]:
-    """The reconstruction loss of ``block`` on a random minibatch of ``rows`` per call."""
+    """The reconstruction loss of ``block`` on a random minibatch of ``rows`` per call (the
+    minibatch moves to the block's device)."""
+    device = model_device(block)
 
     def loss(_: int) -> torch.Tensor:
         index = torch.randperm(len(rows), generator=generator)[:batch_size]
-        batch = rows.select(index)
+        batch = rows.select(index).to(device)
         context.row_indices = batch.steps
         try:
-            return relative_error(runner(block, batch), target[index])
+            return relative_error(runner(block, batch), target[index].to(device))
         finally:
             context.row_indices = None
 
@@ -163,7 +170,8 @@ class ChannelMeans:
             flat = channels.reshape(-1, channels.shape[-1])
             if name not in self.sums:
                 self.order.append(name)
-                self.sums[name], self.counts[name] = torch.zeros(flat.shape[-1], dtype=torch.float64), 0
+                self.sums[name], self.counts[name] = torch.zeros(flat.shape[-1], dtype=torch.float64,
+                                                                   device=flat.device), 0
             self.sums[name] += flat.sum(0)
             self.counts[name] += flat.shape[0]
 

@@ -15,18 +15,11 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from dit_adapters.opensora.rflow import RFlowSampler, SamplerConfig, StepState, seeded_noise
+from tfmq_video.devices import model_device, move
 from tfmq_video.errors import ConfigError
 
 if TYPE_CHECKING:
     from tfmq_video.quant.config import CalibrationConfig
-
-
-def _to_cpu(value: Any) -> Any:
-    if torch.is_tensor(value):
-        return value.detach().to("cpu")
-    if isinstance(value, dict):
-        return {k: _to_cpu(v) for k, v in value.items()}
-    return value
 
 
 @dataclass
@@ -36,6 +29,10 @@ class RecordedCall:
     step: int
     args: tuple
     kwargs: dict[str, Any]
+
+    def on(self, device: torch.device | str) -> tuple[tuple, dict[str, Any]]:
+        """``(args, kwargs)`` with every tensor on ``device`` (the recording stays on CPU)."""
+        return move(self.args, device), move(self.kwargs, device)
 
 
 @dataclass
@@ -79,8 +76,8 @@ class StepRecorder:
         if self.steps is not None and state.index not in self.steps:
             return
         self.timesteps.setdefault(state.index, float(state.timestep.reshape(-1)[0]))
-        args = (_to_cpu(state.model_input), _to_cpu(state.model_timestep))
-        self.raw.append((state.index, args, _to_cpu(dict(state.model_kwargs))))
+        args = (move(state.model_input, "cpu"), move(state.model_timestep, "cpu"))
+        self.raw.append((state.index, args, move(dict(state.model_kwargs), "cpu")))
 
     def calibration_set(self) -> CalibrationSet:
         """The recorded calls, with sampler steps renumbered as calibrated step indices."""
@@ -136,8 +133,7 @@ def record_calibration(
         raise ConfigError(
             f"calibration steps {sorted(steps)} exceed the sampler's {sampler_config.num_steps} steps"
         )
-    parameter = next(iter(model.parameters()), None)
-    device = parameter.device if parameter is not None else torch.device("cpu")
+    device = model_device(model)
     frames, height, width = video_size if video_size is not None else (None, None, None)
     sampler = RFlowSampler(sampler_config)
     recorder = StepRecorder(steps)

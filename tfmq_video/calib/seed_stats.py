@@ -64,8 +64,10 @@ def merge_runs(records: Sequence[tuple[str, dict[str, Any]]]) -> list[dict[str, 
 
     A row measured in two runs (same method, bits, videos, calibration seed and FP re-seed) must
     carry the same ``fvd`` and ``fvd_fp`` in both: the FP rows are how two runs show that they
-    scored against the same FP videos, so a mismatch is an error naming both runs."""
+    scored against the same FP videos, so a mismatch is an error naming both runs. Rows of
+    different devices (``device``, CPU when absent) are refused together."""
     merged: dict[tuple[Any, ...], tuple[str, dict[str, Any]]] = {}
+    devices: dict[str, str] = {}  # device type -> first run measured on it
     for name, record in records:
         rows = record.get("rows") if isinstance(record, dict) else None
         if not isinstance(rows, list):
@@ -74,6 +76,12 @@ def merge_runs(records: Sequence[tuple[str, dict[str, Any]]]) -> list[dict[str, 
             missing = [k for k in ("method", "wbits", "abits", "fvd", "fvd_fp") if k not in row]
             if missing:
                 raise ConfigError(f"{name}: a row lacks {missing}: {row}")
+            devices.setdefault(row.get("device", "cpu"), name)
+            if len(devices) > 1:
+                (first_device, first_run), (device, run) = list(devices.items())[:2]
+                raise ConfigError(f"{first_run} was measured on {first_device} and {run} on {device}: rows of "
+                                  "different devices round differently and are scored against other FP videos; "
+                                  "compare the runs of one device at a time")
             key = _row_key(row)
             if key in merged:
                 first_name, first = merged[key]

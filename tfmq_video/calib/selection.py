@@ -26,6 +26,7 @@ from tqdm import tqdm
 
 from dit_adapters.base import DiTAdapter, TemporalFeatures, TemporalOverride
 from tfmq_video.calib.recorder import CalibrationSet, RecordedCall
+from tfmq_video.devices import model_device
 
 
 def select_strategies(
@@ -57,9 +58,9 @@ def select_for_trajectory(
     accepted flip lowers it, so it stops, never above either strategy alone). Returns the choices
     and, per feature, the cost of the TIB everywhere, the cache everywhere and the choices."""
     choices, costs = {}, {}
-    for name, fp in fp_features.items():
-        tib_err = tib_features[name].double() - fp.double()
-        cache_err = cache_features[name].double() - fp.double()
+    for name, fp in fp_features.items():  # on CPU: the search runs many small steps
+        tib_err = tib_features[name].double().cpu() - fp.double().cpu()
+        cache_err = cache_features[name].double().cpu() - fp.double().cpu()
         def cost(flags: torch.Tensor, tib_err: torch.Tensor = tib_err, cache_err: torch.Tensor = cache_err) -> float:
             return float(trajectory_cost(torch.where(flags[:, None], cache_err, tib_err)))
 
@@ -115,19 +116,20 @@ def output_errors(
     no recorded call get an infinite error (the selection then falls back to the cache)."""
     steps = len(calibration.timesteps)
     by_step = _calls_by_step(calibration)
+    device = model_device(fp_model)
     errors = {strategy: {name: torch.full((steps,), float("inf")) for name in features}
               for strategy, features in candidates.items()}
     jobs = [(strategy, name) for strategy, features in candidates.items() for name in features]
     try:
         for step in tqdm(sorted(by_step), desc="selection by output", leave=False, disable=not progress):
-            calls = by_step[step]
+            calls = [call.on(device) for call in by_step[step]]
             adapter.override_temporal_features(fp_model, None)
-            references = [fp_model(*call.args, **call.kwargs).float() for call in calls]
+            references = [fp_model(*args, **kwargs).float() for args, kwargs in calls]
             norm = sum(float(ref.pow(2).sum()) for ref in references)
             for strategy, name in jobs:
                 adapter.override_temporal_features(fp_model, _serving(name, candidates[strategy][name][step]))
-                diff = sum(float((fp_model(*call.args, **call.kwargs).float() - ref).pow(2).sum())
-                           for call, ref in zip(calls, references, strict=True))
+                diff = sum(float((fp_model(*args, **kwargs).float() - ref).pow(2).sum())
+                           for (args, kwargs), ref in zip(calls, references, strict=True))
                 errors[strategy][name][step] = diff / max(norm, 1e-30)
     finally:
         adapter.override_temporal_features(fp_model, None)

@@ -34,7 +34,8 @@ def build_cache(qmodel: QuantizedModel, tib: TemporalInformationBlock, fp_featur
                 bits: int, group_size: int | None = None) -> TemporalFeatureCache:
     """A cache of the FP features quantized to ``bits`` per step and channel group (shapes from ``fp_features``)."""
     dims = {name: value.shape[-1] for name, value in fp_features.items()}
-    cache = TemporalFeatureCache(qmodel.context, dims, tib.conditions, bits, group_size)
+    device = next(iter(fp_features.values())).device
+    cache = TemporalFeatureCache(qmodel.context, dims, tib.conditions, bits, group_size).to(device)
     cache.fill(fp_features)
     return cache
 

@@ -7,6 +7,7 @@ import torch
 from dit_adapters.opensora.rflow import RFlowSampler, SamplerConfig
 from dit_adapters.opensora.stdit3 import STDiT3, STDiT3Config
 from tfmq_video.calib.recorder import CalibrationSet, StepRecorder
+from tfmq_video.devices import model_device, move
 
 TINY_CONFIG = STDiT3Config(input_sq_size=16, in_channels=4, patch_size=(1, 2, 2), hidden_size=64, depth=1,
                            num_heads=2, caption_channels=16, model_max_length=4, pred_sigma=False)
@@ -45,9 +46,10 @@ def tiny_model_inputs(t: float = 500.0, seed: int = 5) -> dict:
 @torch.no_grad()
 def sample_tiny(model: torch.nn.Module, batch: int = 2, seed: int = 0, recorder: StepRecorder | None = None,
                 sampler: SamplerConfig = TINY_SAMPLER) -> torch.Tensor:
-    """Sample tiny latents (optionally recording the calls)."""
-    noise, y, null, extra = tiny_call_inputs(batch, seed)
-    return RFlowSampler(sampler).sample(model, noise, y, null, extra_kwargs=extra, callback=recorder)
+    """Sample tiny latents (optionally recording the calls) on the model's device; the latents
+    come back on CPU."""
+    noise, y, null, extra = move(tiny_call_inputs(batch, seed), model_device(model))
+    return RFlowSampler(sampler).sample(model, noise, y, null, extra_kwargs=extra, callback=recorder).cpu()
 
 
 def tiny_calibration(model: torch.nn.Module, batch: int = 2, steps: list[int] | None = None,

@@ -7,6 +7,7 @@ own per-timestep quantization parameters.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
@@ -34,8 +35,10 @@ class TemporalInformationBlock:
     _fp_cache: TemporalFeatures | None = field(default=None, repr=False)
 
     @classmethod
-    def from_calibration(cls, adapter: DiTAdapter, calibration: CalibrationSet) -> TemporalInformationBlock:
-        """Timesteps and conditions of a calibration set (conditions must not vary between calls)."""
+    def from_calibration(cls, adapter: DiTAdapter, calibration: CalibrationSet,
+                         device: torch.device | str = "cpu") -> TemporalInformationBlock:
+        """Timesteps and conditions of a calibration set (conditions must not vary between calls),
+        on ``device`` (where the model runs)."""
         conditions: dict[str, torch.Tensor] | None = None
         for call in calibration.calls:
             current = adapter.temporal_conditions(call.args, call.kwargs)
@@ -48,7 +51,8 @@ class TemporalInformationBlock:
                 )
         if conditions is None:
             raise ConfigError("calibration set has no recorded calls")
-        return cls(adapter, torch.tensor(calibration.timesteps, dtype=torch.float32), conditions)
+        timesteps = torch.tensor(calibration.timesteps, dtype=torch.float32, device=device)
+        return cls(adapter, timesteps, {k: v.to(device) for k, v in conditions.items()})
 
     def __len__(self) -> int:
         return len(self.timesteps)
@@ -83,3 +87,31 @@ def feature_errors(features: TemporalFeatures, reference: TemporalFeatures) -> d
 def mean_error(errors: Mapping[str, torch.Tensor]) -> float:
     """The temporal-feature error: mean over features and steps."""
     return float(torch.stack([e.mean() for e in errors.values()]).mean())
+
+
+def graft_tib(qmodel: QuantizedModel, donor: nn.Module, cache: nn.Module | None = None) -> QuantizedModel:
+    """A copy of ``qmodel`` whose temporal information block is ``donor``'s, its features served by
+    ``cache`` (a :class:`~tfmq_video.calib.cache.TemporalFeatureCache` of the donor's calibration)
+    or computed by the grafted modules when None.
+
+    ``donor``: a model of the same family, FP or another calibration's ``qmodel.model`` on the same
+    calibrated timesteps. Everything outside the TIB stays ``qmodel``'s, so grafts of several
+    donors differ in their TIB alone: an ablation that holds the blocks' calibration fixed. The
+    grafted quantizers and the cache are copies rebound to the new model's step context.
+    """
+    donor_context = getattr(cache, "context", None)
+    if donor_context is not None and not torch.equal(donor_context.timesteps, qmodel.context.timesteps):
+        raise ConfigError("the donor's cache was calibrated on other timesteps than this model; graft a TIB of "
+                          "a calibration on the same calibration set")
+    grafted = copy.deepcopy(qmodel)
+    grafted.set_temporal_cache(None)  # drops the copied override, which still calls the original model
+    for name in grafted.adapter.temporal_modules:
+        parent_name, _, child = name.rpartition(".")
+        parent = grafted.model.get_submodule(parent_name) if parent_name else grafted.model
+        setattr(parent, child, copy.deepcopy(donor.get_submodule(name)))
+    cache = copy.deepcopy(cache)
+    for module in [*grafted.model.modules(), *([] if cache is None else [cache])]:
+        if getattr(module, "context", None) is not None:
+            module.context = grafted.context
+    grafted.set_temporal_cache(cache)
+    return grafted

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from tfmq_video.devices import describe_device, pick_device
 from tfmq_video.errors import ConfigError
 
 
@@ -35,6 +36,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--config", type=Path, default=None, help="base recipe YAML (default: built-in toy recipe)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    parser.add_argument("--device", default="cpu",
+                        help="where models sample and calibrate: cpu (default), cuda, cuda:N or auto; on CUDA, TF32 "
+                             "is switched off so the GPU computes in float32 like the CPU. Rows of different devices "
+                             "are not comparable (other rounding, other FP videos)")
     parser.add_argument("--calib-seeds", nargs="+", type=int, default=None,
                         help="calibrate every method once per recipe seed and report mean ± std (calibration noise)")
     parser.add_argument("--model", type=Path, default=None, help="STDiT3 folder (default: the bundled toy model)")
@@ -64,6 +69,10 @@ def run(args: argparse.Namespace) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
+    device = pick_device(args.device)
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = False
     methods = tuple(args.methods or METHODS)
     unknown = sorted(set(methods) - set(METHODS))
     if unknown:
@@ -81,10 +90,11 @@ def run(args: argparse.Namespace) -> int:
                        base.model_copy(update={"progress": False}),
                        None if args.calib_seeds is None else tuple(args.calib_seeds),
                        None if args.model is None else str(args.model),
-                       None if args.fp_cache is None else str(args.fp_cache), args.fp_reseeds)
+                       None if args.fp_cache is None else str(args.fp_cache), args.fp_reseeds, str(device))
     rows, curves = quality_table(plan)
     print(markdown_table(rows))
-    record: dict = {"rows": rows, "temporal_feature_error_per_step": curves, "fp_noise_floor": fp_noise_floor(rows)}
+    record: dict = {"rows": rows, "temporal_feature_error_per_step": curves, "fp_noise_floor": fp_noise_floor(rows),
+                    "device": describe_device(device)}
     floor = record["fp_noise_floor"]
     print(f"\nFP noise floor over {floor['seed_sets']} seed sets: fvd {floor['fvd']:.4g} ± {floor['fvd_std']:.2g}, "
           f"re-seeded fvd_fp {floor['fvd_fp']:.4g} ± {floor['fvd_fp_std']:.2g}")

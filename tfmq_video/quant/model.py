@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from dit_adapters.base import DiTAdapter, TemporalOverride
+from tfmq_video.devices import model_device
 from tfmq_video.errors import ConfigError
 from tfmq_video.quant.affine import code_dtype
 from tfmq_video.quant.config import RecipeConfig
@@ -91,7 +92,7 @@ def _install_attention(site: nn.Module, spec: ActSpec, context: StepContext) -> 
     """Replace ``site.attention`` by a :class:`QuantAttention` registered as ``site.matmul_quant``."""
     if not callable(getattr(site, "attention", None)):
         raise ConfigError(f"attention site {type(site).__name__} has no attention(q, k, v) method to wrap")
-    quant = QuantAttention(spec, context)
+    quant = QuantAttention(spec, context).to(model_device(site))
     site.add_module("matmul_quant", quant)
     object.__setattr__(site, "attention", quant.forward)
 
@@ -189,21 +190,23 @@ def served_temporal_features(qmodel: QuantizedModel) -> dict[str, torch.Tensor]:
 
     ``timesteps`` (S,) float64; each TIB condition (e.g. ``fps``) as calibrated; each temporal
     feature (S, dim) float32 (cache or quantized TIB per the selection, both sample-independent);
-    ``{feature}_use_cache`` (S,) bool, the recorded choices. Empty without a cache.
+    ``{feature}_use_cache`` (S,) bool, the recorded choices. Empty without a cache. All on CPU.
     """
     cache = qmodel.temporal_cache
     if cache is None:
         return {}
-    conditions = {name: getattr(cache, f"condition_{name}").clone() for name in cache.condition_names}
+    conditions = {name: getattr(cache, f"condition_{name}") for name in cache.condition_names}
     qmodel.context.row_indices = torch.arange(len(qmodel.context))
     try:
-        features = qmodel.adapter.temporal_features(qmodel.model, qmodel.context.timesteps.float(), conditions)
+        timesteps = qmodel.context.timesteps.float().to(model_device(qmodel.model))
+        features = qmodel.adapter.temporal_features(qmodel.model, timesteps, conditions)
     finally:
         qmodel.context.row_indices = None
-    out: dict[str, torch.Tensor] = {"timesteps": qmodel.context.timesteps.clone(), **conditions}
+    out: dict[str, torch.Tensor] = {"timesteps": qmodel.context.timesteps.clone(),
+                                    **{name: value.to("cpu", copy=True) for name, value in conditions.items()}}
     for name, value in features.items():
-        out[name] = value.float().clone()
-        out[f"{name}_use_cache"] = getattr(cache, f"{name}_use_cache").clone()
+        out[name] = value.float().to("cpu", copy=True)
+        out[f"{name}_use_cache"] = getattr(cache, f"{name}_use_cache").to("cpu", copy=True)
     return out
 
 

@@ -30,8 +30,9 @@ class QuantWeightLayer(nn.Module):
         super().__init__()
         self.weight = layer.weight
         self.bias = layer.bias
-        self.weight_quant = WeightQuantizer(weight_spec, self.weight.shape) if weight_spec is not None else None
-        self.input_quant = ActQuantizer(act_spec, context, self.channel_dim) if act_spec is not None else None
+        device = self.weight.device
+        self.weight_quant = None if weight_spec is None else WeightQuantizer(weight_spec, self.weight.shape).to(device)
+        self.input_quant = None if act_spec is None else ActQuantizer(act_spec, context, self.channel_dim).to(device)
         if self.weight_quant is not None and initialize:
             self.weight_quant.initialize(self.weight)
 

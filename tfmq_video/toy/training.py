@@ -124,12 +124,3 @@ def prefetched(make_batch: Callable[[int], Batch], steps: range, workers: int = 
                 next_index += 1
             yield step, future.result()
 
-
-def pick_device(name: str) -> torch.device:
-    """``"auto"`` picks CUDA when present; otherwise the named device, checked to exist."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise SystemExit(f"--device {name}: CUDA is not available in this torch build ({torch.__version__})")
-    return device

@@ -12,6 +12,7 @@ from dit_adapters.opensora.loading import load_stdit3
 from dit_adapters.opensora.rflow import RFlowSampler, SamplerConfig, StepCallback, seeded_noise
 from dit_adapters.opensora.stdit3 import STDiT3, STDiT3Config
 from tfmq_video.checkpoint import load_into, read_config, read_weights
+from tfmq_video.devices import model_device, move
 from tfmq_video.errors import CheckpointError
 from tfmq_video.toy.classifier import ToyClassifierConfig, ToyVideoClassifier
 from tfmq_video.toy.data import FRAME_SIZE, NUM_FRAMES, tensor_to_clips
@@ -78,23 +79,26 @@ def generate_latents(
 ) -> torch.Tensor:
     """Sample one video per (caption, seed): float (N, 3, T, H, W) in model space.
 
-    ``null_caption`` is the model's ``y_embedder.y_embedding`` (L, C_cap).
+    ``null_caption`` is the model's ``y_embedder.y_embedding`` (L, C_cap). The inputs move to
+    the model's device (noise is drawn on CPU from each seed, so every device starts from the
+    same noise); the videos come back on CPU.
     """
     if len(captions) != len(seeds):
         raise ValueError(f"got {len(captions)} captions but {len(seeds)} seeds; give one seed per caption")
     encoder = toy_text_encoder()
     sampler = RFlowSampler(sampler_config)
+    device = model_device(model)
     outputs = []
     for start in range(0, len(captions), batch_size):
         chunk = slice(start, start + batch_size)
-        y, mask = encoder.encode(captions[chunk])
-        noise = seeded_noise(seeds[chunk], VIDEO_SHAPE)
-        null = null_caption[None, None].expand(len(y), 1, *null_caption.shape)
+        y, mask = move(encoder.encode(captions[chunk]), device)
+        noise = seeded_noise(seeds[chunk], VIDEO_SHAPE, device=device)
+        null = null_caption.to(device)[None, None].expand(len(y), 1, *null_caption.shape)
         outputs.append(
             sampler.sample(
-                model, noise, y, null, mask=mask, extra_kwargs=model_kwargs(len(y)),
+                model, noise, y, null, mask=mask, extra_kwargs=move(model_kwargs(len(y)), device),
                 height=FRAME_SIZE, width=FRAME_SIZE, num_frames=NUM_FRAMES, callback=callback, progress=progress,
-            )
+            ).to("cpu")
         )
     return torch.cat(outputs)
 
