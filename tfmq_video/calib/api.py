@@ -98,9 +98,11 @@ def quantize(
     return qmodel
 
 
-def calibrate_recipe(recipe: RecipeConfig, model: nn.Module | None = None) -> QuantizedModel:
+def calibrate_recipe(recipe: RecipeConfig, model: nn.Module | None = None,
+                     device: torch.device | str | None = None) -> QuantizedModel:
     """Load the recipe's model (unless given), record its calibration set in one FP sampling
     pass and :func:`quantize` it; ``report["seconds"]`` gains ``record`` and ``calibration_total``.
+    ``device``: move the model there first (None: leave it where it is; a loaded model is on CPU).
 
     Calibration prompts are the toy world's (default) or ``calibration.prompts_file`` encoded by
     ``calibration.text_encoder`` (a local T5 folder), sampled at ``calibration.video`` size.
@@ -113,6 +115,8 @@ def calibrate_recipe(recipe: RecipeConfig, model: nn.Module | None = None) -> Qu
 
         check_prompt_inputs(recipe.calibration)  # a missing file or encoder fails before the model loads
     model = adapter.load_model(recipe.model.path) if model is None else model
+    if device is not None:
+        model = model.to(device)
     start = time.perf_counter()
     calibration = record_recipe_calibration(model, recipe.calibration, recipe.progress)
     record_seconds = time.perf_counter() - start

@@ -22,6 +22,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", type=Path, required=True, help="output checkpoint folder")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    parser.add_argument("--device", default="auto",
+                        help="where the model records and calibrates: auto (CUDA when present, default), cpu, cuda, "
+                             "cuda:N; the recording stays on CPU either way")
     parser.add_argument("--export", type=Path, default=None,
                         help="also write the packed integer checkpoint here (as tfmq-video export)")
 
@@ -30,14 +33,16 @@ def run(args: argparse.Namespace) -> int:
     """Record the calibration set, calibrate, save; print a summary."""
     from tfmq_video.calib.api import calibrate_recipe
     from tfmq_video.calib.checkpoint import save_calibrated
+    from tfmq_video.devices import describe_device, pick_device
     from tfmq_video.quant.config import load_config
 
     recipe = load_config(args.config)  # validate before any work
+    device = pick_device(args.device)
     if args.no_progress:
         recipe = recipe.model_copy(update={"progress": False})
     if args.threads:
         torch.set_num_threads(args.threads)
-    qmodel = calibrate_recipe(recipe)
+    qmodel = calibrate_recipe(recipe, device=device)
     folder = save_calibrated(qmodel, args.out)
     summary = {
         "out": str(folder),
@@ -45,6 +50,7 @@ def run(args: argparse.Namespace) -> int:
         "seconds": {k: round(v, 1) for k, v in qmodel.report["seconds"].items()},
         "temporal_feature_error": qmodel.report["temporal"]["temporal_feature_error"],
         "quantized_weight_fraction": round(qmodel.report["quantized_weight_fraction"], 4),
+        "device": describe_device(device),
     }
     if args.export is not None:
         from tfmq_video.commands.export import export_and_report
