@@ -9,6 +9,9 @@
 #
 #   ROWS="tfmq:0 qdiffusion:0 tfmq:1 ..." JOBS=8 N=512 LIMIT=420 bash tools/gpu_quality_seeds.sh
 #
+# Measured on an H100 (session 12), JOBS=10, N=512, the W4A8 recipe: RTN and ViDiT-Q rows took 4
+# minutes, Q-Diffusion rows 7.4, and TFMQ rows had not finished after 7.5 (nor 5 at a time after
+# 5.6): the processes time-share the GPU (no MPS), so give TFMQ rows 10+ minutes, or fewer JOBS.
 # On the lent device (tools/gpu_check.sh explains the carried wheels): carry .whl. Rows run in the
 # order given, so put the ones that matter first. Every process scores against the same FP
 # videos, kept in $WORK/fp_cache: rows that start before they exist generate them too (seconds on

@@ -13,6 +13,11 @@ share every block and differ in their TIB alone:
   TIB as the method's whole-model calibration gives); the blocks method's own TIB is not grafted
   but served as calibrated (``native``).
 
+The blocks are reconstructed on the features of the native TIB, which gives it a home advantage
+over grafted ones (each grafted TIB also differs from the one the blocks saw).
+``--blocks-method fp-tib`` removes it: the blocks are reconstructed with the TIB kept FP (the
+``tfmq`` recipe otherwise), so every quantized TIB is a graft and ``fp`` is the native one.
+
 Each variant generates the first N evaluation videos of the quality table and is scored against
 FP; the table adds, per variant, the mean and range over seeds of its difference to the native
 TIB (paired: same blocks, same seeds, same videos). Writes JSON and a plot of ``fvd_fp`` per
@@ -38,7 +43,7 @@ from compare_tib_strategies import only_tib_quantized, tib_only  # tools/ is on 
 import tfmq_video
 from dit_adapters.base import get_adapter
 from eval_video._files import write_text_atomic
-from tfmq_video.calib.baselines import METHODS, method_recipe
+from tfmq_video.calib.baselines import METHODS, TIB_OFF, method_recipe
 from tfmq_video.calib.quality import ToyEvaluator
 from tfmq_video.calib.recorder import CalibrationSet, record_recipe_calibration
 from tfmq_video.calib.tib import TemporalInformationBlock, feature_errors, graft_tib, mean_error
@@ -49,13 +54,31 @@ SCORES = ("fvd_fp", "fvd_fp_mean_term", "psnr_fp", "feature_error_fp", "fvd")
 log = logging.getLogger("swap_tib_study")
 
 
+FP_TIB_BLOCKS = "fp-tib"  # --blocks-method: blocks reconstructed with the TIB kept FP
+
+
+def native_tib(blocks_method: str) -> str:
+    """The TIB the blocks were reconstructed with: ``fp`` for ``fp-tib``, else the method's own."""
+    return "fp" if blocks_method == FP_TIB_BLOCKS else blocks_method
+
+
+def blocks_recipe(blocks_method: str, base: RecipeConfig, seed: int) -> RecipeConfig:
+    """The whole-model recipe that gives the blocks (``fp-tib``: tfmq's with the TIB kept FP)."""
+    bits = base.quant.weight.bits, base.quant.activation.bits
+    recipe = method_recipe("tfmq" if blocks_method == FP_TIB_BLOCKS else blocks_method, *bits,
+                           base.model_copy(update={"seed": seed}))
+    if blocks_method == FP_TIB_BLOCKS:
+        recipe = recipe.model_copy(update={"tib": recipe.tib.model_copy(update={**TIB_OFF, "keep_fp": True})})
+    return recipe
+
+
 def tib_donors(model: torch.nn.Module, calibration: CalibrationSet, base: RecipeConfig, methods: list[str],
                blocks_method: str) -> dict[str, QuantizedModel | None]:
     """Per TIB variant, the TIB-only calibration that donates it (None: FP, or the native TIB)."""
     adapter = get_adapter(base.model.adapter)
     donors: dict[str, QuantizedModel | None] = {}
     for method in methods:
-        if method in ("fp", blocks_method):
+        if method in ("fp", native_tib(blocks_method)):
             donors[method] = None
             continue
         wbits, abits = base.quant.weight.bits, base.quant.activation.bits
@@ -75,7 +98,7 @@ def served_error(qmodel: QuantizedModel, model: torch.nn.Module, tib: TemporalIn
 def variant(qmodel: QuantizedModel, model: torch.nn.Module, tib_name: str, donor: QuantizedModel | None,
             blocks_method: str) -> QuantizedModel:
     """``qmodel`` served with the TIB ``tib_name``."""
-    if tib_name == blocks_method:
+    if tib_name == native_tib(blocks_method):
         return qmodel
     if tib_name == "fp":
         return graft_tib(qmodel, model)
@@ -87,8 +110,7 @@ def run_seed(model: torch.nn.Module, calibration: CalibrationSet, base: RecipeCo
              donors: dict[str, QuantizedModel | None], evaluator: ToyEvaluator, fp: torch.Tensor,
              tib: TemporalInformationBlock) -> list[dict[str, Any]]:
     """One whole-model calibration at ``seed`` and the scores of each TIB variant."""
-    recipe = method_recipe(blocks_method, base.quant.weight.bits, base.quant.activation.bits,
-                           base.model_copy(update={"seed": seed}))
+    recipe = blocks_recipe(blocks_method, base, seed)
     start = time.perf_counter()
     qmodel = tfmq_video.quantize(model, base.model.adapter, calibration, recipe)
     log.info("seed %d: %s calibrated in %.0f s", seed, blocks_method, time.perf_counter() - start)
@@ -98,7 +120,7 @@ def run_seed(model: torch.nn.Module, calibration: CalibrationSet, base: RecipeCo
     for tib_name, donor in donors.items():
         served = variant(qmodel, model, tib_name, donor, blocks_method)
         scores = evaluator.score(evaluator.generate(served, null), fp, fp_features)
-        rows.append({"seed": seed, "tib": tib_name, "native": tib_name == blocks_method,
+        rows.append({"seed": seed, "tib": tib_name, "native": tib_name == native_tib(blocks_method),
                      "temporal_feature_error": served_error(served, model, tib),
                      **{key: scores[key] for key in SCORES}})
         log.info("%s", rows[-1])
@@ -157,8 +179,9 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", type=Path, default=Path("configs/toy_stdit3_w4a8.yaml"))
-    parser.add_argument("--blocks-method", default="tfmq", choices=sorted(METHODS),
-                        help="the method whose whole-model calibration gives the blocks (default tfmq)")
+    parser.add_argument("--blocks-method", default="tfmq", choices=sorted(METHODS) + [FP_TIB_BLOCKS],
+                        help="the method whose whole-model calibration gives the blocks (default tfmq); fp-tib: "
+                             "tfmq's blocks reconstructed with the TIB kept FP (no TIB has a home advantage)")
     parser.add_argument("--tib", nargs="+", default=["fp", "rtn", "qdiffusion", "tfmq"],
                         help="TIB variants: fp or method names")
     parser.add_argument("--seeds", nargs="+", type=int, default=[0])
@@ -171,9 +194,10 @@ def main() -> None:
     unknown = sorted(set(args.tib) - set(METHODS) - {"fp"})
     if unknown:
         parser.error(f"unknown TIB variants {unknown}: use fp or one of {sorted(METHODS)}")
-    if args.blocks_method not in args.tib:
-        parser.error(f"--tib must include the blocks method {args.blocks_method} (the native TIB the others are "
-                     "compared with)")
+    native = native_tib(args.blocks_method)
+    if native not in args.tib:
+        parser.error(f"--tib must include {native}: the native TIB of --blocks-method {args.blocks_method}, which "
+                     "the others are compared with")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -190,9 +214,9 @@ def main() -> None:
     for seed in args.seeds:
         rows += run_seed(model, calibration, base, seed, args.blocks_method, donors, evaluator, fp, tib)
         record = {"config": str(args.config), "blocks_method": args.blocks_method, "videos": args.videos,
-                  "rows": rows, "paired_differences": paired_differences(rows, args.blocks_method)}
+                  "rows": rows, "paired_differences": paired_differences(rows, native)}
         write_text_atomic(args.json, json.dumps(record, indent=1) + "\n")  # after every seed: a cut run keeps its rows
-    print(markdown(rows, args.blocks_method))
+    print(markdown(rows, native))
     if args.plot is not None:
         plot(rows, args.plot)
         print(f"plot: {args.plot}")
