@@ -206,7 +206,7 @@ def test_calibrate_command_on_a_prompts_file(
     config = tmp_path / "recipe.yaml"
     config.write_text(json.dumps(raw))  # JSON is YAML
     out = tmp_path / "out"
-    args = argparse.Namespace(config=config, out=out, threads=None, no_progress=True, export=None)
+    args = argparse.Namespace(config=config, out=out, threads=None, no_progress=True, export=None, device="cpu")
     assert calibrate.run(args) == 0
     summary = json.loads(capsys.readouterr().out)
     assert "record" in summary["seconds"] and (out / "quantization.json").is_file()
