@@ -19,8 +19,10 @@ from tfmq_video.calib.recorder import CalibrationSet
 from tfmq_video.calib.testing import sample_tiny
 from tfmq_video.devices import model_device, move, pick_device
 from tfmq_video.errors import ConfigError
+from tfmq_video.export import load_quantized
+from tfmq_video.export.calibrated import export_calibrated
 from tfmq_video.quant.config import RecipeConfig
-from tfmq_video.quant.model import QuantizedModel
+from tfmq_video.quant.model import QuantizedModel, to_records
 
 FAST = RecipeConfig(progress=False, tib={"iterations": 60}, reconstruction={"iterations": 10, "batch_size": 2})
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -103,3 +105,13 @@ def test_a_checkpoint_calibrated_on_the_gpu_loads_on_the_cpu(model: torch.nn.Mod
     loaded = load_calibrated(folder, model)
     assert model_device(loaded).type == "cpu"
     assert _relative(sample_tiny(loaded, seed=7), sample_tiny(on_gpu, seed=7)) < 1e-8
+    # the packed integer export of the model on the GPU holds what the reloaded CPU copy's does
+    gpu_records, gpu_served = to_records(on_gpu)
+    cpu_records, cpu_served = to_records(loaded)
+    for gpu_record, cpu_record in zip(gpu_records, cpu_records, strict=True):
+        for gpu_part, cpu_part in ((gpu_record, cpu_record), (gpu_record.activation, cpu_record.activation)):
+            for field, value in vars(cpu_part).items():
+                if torch.is_tensor(value):
+                    assert torch.equal(getattr(gpu_part, field), value), (cpu_record.name, field)
+    assert all(torch.allclose(gpu_served[k], cpu_served[k], atol=1e-5) for k in cpu_served)
+    load_quantized(export_calibrated(on_gpu, tmp_path / "packed"), backend="reference", compile=False)

@@ -172,13 +172,18 @@ def wrap_model(
 # --------------------------------------------------------------------------- hand-off to export
 
 
+def _host_copy(tensor: torch.Tensor) -> torch.Tensor:
+    """A detached CPU copy: records go to disk, whatever device the model calibrated on."""
+    return tensor.detach().to("cpu", copy=True)
+
+
 def _activation_record(quantizer: ActQuantizer | None) -> ActivationRecord:
     if quantizer is None:
         return ActivationRecord(mode="none")
     spec = quantizer.spec
     if spec.mode == "dynamic_per_token":
         return ActivationRecord(mode="dynamic_per_token", bits=spec.bits, signed=spec.symmetric)
-    scale, zero = quantizer.scale.detach().clone(), quantizer.zero_point.detach().clone()
+    scale, zero = _host_copy(quantizer.scale), _host_copy(quantizer.zero_point)
     if spec.mode == "static":
         scale, zero = scale[0], zero[0]
     return ActivationRecord(mode=spec.mode, bits=spec.bits, signed=spec.symmetric, scale=scale, zero_point=zero)
@@ -203,10 +208,10 @@ def served_temporal_features(qmodel: QuantizedModel) -> dict[str, torch.Tensor]:
     finally:
         qmodel.context.row_indices = None
     out: dict[str, torch.Tensor] = {"timesteps": qmodel.context.timesteps.clone(),
-                                    **{name: value.to("cpu", copy=True) for name, value in conditions.items()}}
+                                    **{name: _host_copy(value) for name, value in conditions.items()}}
     for name, value in features.items():
-        out[name] = value.float().to("cpu", copy=True)
-        out[f"{name}_use_cache"] = getattr(cache, f"{name}_use_cache").to("cpu", copy=True)
+        out[name] = _host_copy(value.float())
+        out[f"{name}_use_cache"] = _host_copy(getattr(cache, f"{name}_use_cache"))
     return out
 
 
@@ -215,6 +220,7 @@ def to_records(qmodel: QuantizedModel) -> tuple[list[QuantizedLinearRecord], dic
 
     Conv weights are flattened to (out, in * kernel) with ``original_shape`` set. The cache
     tensors are :func:`served_temporal_features` (``timesteps``, ``fps``, ``t``, ``t_mlp`` for STDiT3).
+    Every tensor is a CPU copy, whatever device the model is on.
     """
     records = []
     for name, layer in qmodel.weight_layers():
@@ -222,16 +228,16 @@ def to_records(qmodel: QuantizedModel) -> tuple[list[QuantizedLinearRecord], dic
         if wq is None:
             continue
         out_features = layer.weight.shape[0]
-        codes = wq.integer_codes(layer.weight).reshape(out_features, -1).to(code_dtype(wq.grid))
+        codes = wq.integer_codes(layer.weight).reshape(out_features, -1).to("cpu", code_dtype(wq.grid))
         records.append(QuantizedLinearRecord(
             name=name,
             weight_codes=codes,
-            weight_scale=wq.scale.detach().reshape(out_features, -1).clone(),
-            weight_zero_point=wq.zero_point.detach().reshape(out_features, -1).clone(),
+            weight_scale=_host_copy(wq.scale).reshape(out_features, -1),
+            weight_zero_point=_host_copy(wq.zero_point).reshape(out_features, -1),
             weight_bits=wq.spec.bits,
             weight_signed=wq.spec.symmetric,
             group_size=wq.spec.group_size,
-            bias=None if layer.bias is None else layer.bias.detach().clone(),
+            bias=None if layer.bias is None else _host_copy(layer.bias),
             activation=_activation_record(layer.input_quant),
             original_shape=tuple(layer.weight.shape) if isinstance(layer, QuantConv) else None,
         ))
