@@ -17,7 +17,7 @@ from tfmq_video.calib.baselines import method_recipe
 from tfmq_video.calib.checkpoint import load_calibrated, save_calibrated
 from tfmq_video.calib.recorder import CalibrationSet
 from tfmq_video.calib.testing import sample_tiny
-from tfmq_video.devices import model_device, move, pick_device
+from tfmq_video.devices import full_float32, model_device, move, pick_device
 from tfmq_video.errors import ConfigError
 from tfmq_video.export import load_quantized
 from tfmq_video.export.calibrated import export_calibrated
@@ -48,7 +48,7 @@ def test_device_names_are_checked() -> None:
 def fp32_on_gpu() -> Iterator[None]:
     """TF32 off, as ``bench quality --device cuda`` sets it, restored afterwards."""
     saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    full_float32(torch.device("cuda"))
     yield
     torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
 

@@ -2,7 +2,7 @@
 # Many calibration seeds of `tfmq-video bench quality` on one CUDA GPU, several rows at a time.
 #
 # One row (a method at one calibration seed, N videos) takes 25 minutes on a 2-core CPU; on a GPU
-# the toy model's small kernels leave the card mostly idle, so JOBS processes share it, each
+# the toy model's kernels are tiny, so JOBS processes share the card (time-sliced, no MPS), each
 # calibrating and sampling one row and writing its own JSON (a row that is cut off by LIMIT loses
 # only itself). Everything lands in one archive, $OUT/quality_rows.tgz: rows/*.json (one
 # `bench quality` record per row; merge them with `tfmq-video bench seeds`) and logs/*.log.

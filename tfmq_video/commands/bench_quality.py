@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from tfmq_video.devices import describe_device, pick_device
+from tfmq_video.devices import describe_device, full_float32, pick_device
 from tfmq_video.errors import ConfigError
 
 
@@ -70,9 +70,7 @@ def run(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     device = pick_device(args.device)
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = False
-        torch.backends.cudnn.allow_tf32 = False
+    full_float32(device)
     methods = tuple(args.methods or METHODS)
     unknown = sorted(set(methods) - set(METHODS))
     if unknown:

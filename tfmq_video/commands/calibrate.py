@@ -24,7 +24,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
     parser.add_argument("--device", default="auto",
                         help="where the model records and calibrates: auto (CUDA when present, default), cpu, cuda, "
-                             "cuda:N; the recording stays on CPU either way")
+                             "cuda:N (TF32 off); the recording stays on CPU either way")
     parser.add_argument("--export", type=Path, default=None,
                         help="also write the packed integer checkpoint here (as tfmq-video export)")
 
@@ -33,11 +33,12 @@ def run(args: argparse.Namespace) -> int:
     """Record the calibration set, calibrate, save; print a summary."""
     from tfmq_video.calib.api import calibrate_recipe
     from tfmq_video.calib.checkpoint import save_calibrated
-    from tfmq_video.devices import describe_device, pick_device
+    from tfmq_video.devices import describe_device, full_float32, pick_device
     from tfmq_video.quant.config import load_config
 
     recipe = load_config(args.config)  # validate before any work
     device = pick_device(args.device)
+    full_float32(device)
     if args.no_progress:
         recipe = recipe.model_copy(update={"progress": False})
     if args.threads:
