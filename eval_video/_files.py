@@ -5,11 +5,33 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
 _HASH_CHUNK = 1 << 20
+
+
+def _current_umask() -> int:
+    # os.umask can only be read by setting it; restored at once (not thread-safe, like the call).
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def give_default_modes(path: str | os.PathLike) -> None:
+    """Give a file or folder tree the modes ``open``/``mkdir`` would, under the current umask.
+
+    ``tempfile`` makes 0600 files and 0700 folders (and safetensors writes 0600 files), so an
+    atomically written result (a checkpoint, a JSON table) would otherwise be readable by its
+    owner only, e.g. not by the other users of a shared cluster.
+    """
+    path = Path(path)
+    mask = _current_umask()
+    for item in [path, *(path.rglob("*") if path.is_dir() else ())]:
+        if not item.is_symlink():
+            item.chmod((0o777 if item.is_dir() else 0o666) & ~mask)
 
 
 @contextlib.contextmanager
@@ -26,6 +48,10 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     tmp = Path(tmp_name)
     try:
         yield tmp
+        if path.exists():
+            shutil.copymode(path, tmp)  # a rewritten file keeps its mode
+        else:
+            give_default_modes(tmp)
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):

@@ -43,7 +43,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageSequence, UnidentifiedImageError
 
-from eval_video._files import atomic_path
+from eval_video._files import atomic_path, give_default_modes
 from tfmq_video.errors import TFMQError
 
 logger = logging.getLogger(__name__)
@@ -246,6 +246,7 @@ def _write_png_frames(folder: Path, frames: np.ndarray) -> Path:
         width = max(5, len(str(len(frames) - 1)))
         for index, frame in enumerate(frames):
             Image.fromarray(frame).save(tmp / f"frame_{index:0{width}d}.png")
+        give_default_modes(tmp)
         if folder.exists():
             shutil.rmtree(folder)
         tmp.rename(folder)

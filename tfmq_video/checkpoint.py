@@ -18,6 +18,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from eval_video._files import give_default_modes
 from tfmq_video.errors import CheckpointError
 
 CONFIG_NAME = "config.json"
@@ -108,6 +109,7 @@ def atomic_folder(folder: str | os.PathLike, write: Callable[[Path], None]) -> P
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
     try:
         write(tmp)
+        give_default_modes(tmp)
         if folder.exists():
             backup = folder.with_name(folder.name + ".old")
             shutil.rmtree(backup, ignore_errors=True)
