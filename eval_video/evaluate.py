@@ -14,7 +14,7 @@ from pathlib import Path
 
 from eval_video.backbones import FeatureCache, VideoBackbone, make_backbone
 from eval_video.fidelity import ClipScorer, clip_metrics, fidelity, latent_fidelity, read_latents
-from eval_video.frame_models import FarnebackFlow, FlowEstimator, make_flow
+from eval_video.frame_models import FLOW_METRICS, FarnebackFlow, FlowEstimator, make_flow, opencv_missing
 from eval_video.fvd import fvd, fvd_fp
 from eval_video.io import Video, list_videos, load_video, load_videos, write_comparison_strip
 from eval_video.report import EvalReport, write_json, write_readable
@@ -125,7 +125,9 @@ def _load_networks(config: EvalConfig) -> _Networks:
             raise ConfigError("FVD needs an explicit backbone: --fvd-backbone i3d --i3d-weights FILE, or "
                               "--fvd-backbone toy (the toy classifier, a proxy for the toy world)")
         backbone = make_backbone(config.fvd_backbone, config.i3d_weights, config.i3d_bn_eps, config.device)
-    wants_flow = any(m in config.metrics for m in ("delta_flow", "motion_smoothness", "dynamic_degree"))
+    wants_flow = any(m in config.metrics for m in FLOW_METRICS)
+    if wants_flow and (reason := opencv_missing()) is not None:
+        raise ConfigError(reason)
     flow = make_flow(config.raft_weights) if wants_flow else None
     vbench = None
     if any(m in config.metrics for m in DIMENSIONS):

@@ -85,6 +85,22 @@ class RaftFlow(FlowEstimator):
         return flow.permute(1, 2, 0).numpy()
 
 
+FLOW_METRICS: tuple[str, ...] = ("delta_flow", "motion_smoothness", "dynamic_degree")
+
+
+def opencv_missing() -> str | None:
+    """Why the flow metrics cannot run here (OpenCV not installed), or None when they can.
+
+    Farnebäck flow and the warping of ``motion_smoothness`` both use OpenCV, RAFT or not.
+    """
+    try:
+        import cv2  # noqa: F401
+    except ImportError:
+        return (f"the metrics {', '.join(FLOW_METRICS)} need OpenCV: pip install 'tfmq-video[flow]' "
+                "(bash tools/setup.sh installs it), or leave those metrics out")
+    return None
+
+
 def make_flow(raft_weights: str | Path | None) -> FlowEstimator:
     """RAFT when weights are given, else the Farnebäck proxy."""
     return RaftFlow(raft_weights) if raft_weights else FarnebackFlow()

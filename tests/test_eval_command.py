@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -98,3 +99,14 @@ def test_bad_input_errors_name_the_problem(folders: Path, tmp_path: Path) -> Non
     with pytest.raises(VideoError, match="got 12 videos but 1 FP"):
         command.run(_parse(["--videos", str(folders / "w8a8"), "--fp", str(fewer), "--fvd-backbone", "toy",
                             "--metrics", "fvd_fp", "--no-progress", *out]))
+
+
+def test_flow_metrics_without_opencv_fail_before_any_work(folders: Path, tmp_path: Path,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "cv2", None)  # what `import cv2` sees where OpenCV is not installed
+    out = tmp_path / "e.json"
+    with pytest.raises(ConfigError, match=r"OpenCV: pip install 'tfmq-video\[flow\]'"):
+        command.run(_parse([*_base(folders), "--metrics", "delta_flow", "--out", str(out)]))
+    assert not out.exists()
+    command.run(_parse([*_base(folders), "--metrics", "psnr", "--out", str(out)]))  # other metrics still run
+    assert json.loads(out.read_text())

@@ -64,3 +64,10 @@ def test_demo_calibrates_w4a8_and_compares_with_fp(tmp_path: Path) -> None:
         assert Path(video["strip"]).stat().st_size > 0
         # W4A8 stays close to FP (the same seeds): far above the ~13 dB of an unrelated FP video.
         assert video["psnr_vs_fp"] > 18, video
+
+
+def test_demo_without_opencv_says_so_before_work(tmp_path: Path, capsys, monkeypatch) -> None:
+    monkeypatch.setitem(sys.modules, "cv2", None)  # OpenCV not installed
+    assert main(["demo", "--out", str(tmp_path / "demo"), "--captions", "a red square moving left"]) == 2
+    assert "tfmq-video[flow]" in capsys.readouterr().err
+    assert not (tmp_path / "demo").exists()

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Install tfmq-video (editable) into the current Python environment.
 #
-#   bash tools/setup.sh            # runtime + video I/O (for `tfmq-video demo`)
+#   bash tools/setup.sh            # runtime + video I/O + OpenCV flow (for `tfmq-video demo`)
 #   bash tools/setup.sh dev        # + test, lint and kernel-interpreter tools
 #
 # torch: an installed torch (a CUDA build on a GPU box, say) is kept as it is. Without one,
@@ -11,9 +11,9 @@
 set -euo pipefail
 
 PYTHON="${PYTHON:-python3}"
-EXTRAS="video"
+EXTRAS="video,flow"
 if [[ "${1:-}" == "dev" ]]; then
-    EXTRAS="video,dev,kernels"
+    EXTRAS="video,flow,dev,kernels"
 fi
 cd "$(dirname "$0")/.."
 

@@ -103,7 +103,17 @@ def check_inputs(args: argparse.Namespace) -> list[int]:
         recipe = args.recipe or DEMO_RECIPE
         if not Path(recipe).is_file():
             raise ConfigError(f"calibration recipe {recipe} not found; pass --recipe FILE.yaml (see configs/)")
+        _check_report_dependencies()
     return seeds
+
+
+def _check_report_dependencies() -> None:
+    """The W4A8 report's flow metrics need OpenCV: say so before minutes of work, not after."""
+    from eval_video.frame_models import opencv_missing
+
+    reason = opencv_missing()
+    if reason is not None:
+        raise ConfigError(f"the demo's evaluation report: {reason}; or run with --quantize none")
 
 
 def write_videos(out: Path, tag: str, captions: list[str], seeds: list[int], clips: np.ndarray, suffix: str
