@@ -126,7 +126,7 @@ def _load_networks(config: EvalConfig) -> _Networks:
                               "--fvd-backbone toy (the toy classifier, a proxy for the toy world)")
         backbone = make_backbone(config.fvd_backbone, config.i3d_weights, config.i3d_bn_eps, config.device)
     wants_flow = any(m in config.metrics for m in FLOW_METRICS)
-    if wants_flow and (reason := opencv_missing()) is not None:
+    if (reason := opencv_missing(config.metrics, raft=config.raft_weights is not None)) is not None:
         raise ConfigError(reason)
     flow = make_flow(config.raft_weights) if wants_flow else None
     vbench = None

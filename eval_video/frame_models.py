@@ -18,6 +18,7 @@ provide; the command turns that into a skipped metric, never a zero.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Iterable
 from pathlib import Path
 from types import ModuleType
 
@@ -88,15 +89,20 @@ class RaftFlow(FlowEstimator):
 FLOW_METRICS: tuple[str, ...] = ("delta_flow", "motion_smoothness", "dynamic_degree")
 
 
-def opencv_missing() -> str | None:
-    """Why the flow metrics cannot run here (OpenCV not installed), or None when they can.
+def opencv_missing(metrics: Iterable[str], raft: bool) -> str | None:
+    """Why some of ``metrics`` cannot run here (OpenCV not installed), or None when they all can.
 
-    Farnebäck flow and the warping of ``motion_smoothness`` both use OpenCV, RAFT or not.
+    Without RAFT weights every flow metric uses OpenCV's Farnebäck flow; with them only
+    ``motion_smoothness`` does (its midpoint warp).
     """
+    wanted = set(metrics)
+    needing = [m for m in FLOW_METRICS if m in wanted and (not raft or m == "motion_smoothness")]
+    if not needing:
+        return None
     try:
         import cv2  # noqa: F401
     except ImportError:
-        return (f"the metrics {', '.join(FLOW_METRICS)} need OpenCV: pip install 'tfmq-video[flow]' "
+        return (f"the metrics {', '.join(needing)} need OpenCV: pip install 'tfmq-video[flow]' "
                 "(bash tools/setup.sh installs it), or leave those metrics out")
     return None
 

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from eval_video import command
+from eval_video.frame_models import opencv_missing
 from eval_video.io import VideoError, write_video
 from tfmq_video.errors import ConfigError
 from tfmq_video.toy.data import make_clips
@@ -110,3 +111,8 @@ def test_flow_metrics_without_opencv_fail_before_any_work(folders: Path, tmp_pat
     assert not out.exists()
     command.run(_parse([*_base(folders), "--metrics", "psnr", "--out", str(out)]))  # other metrics still run
     assert json.loads(out.read_text())
+    # with RAFT only motion_smoothness (its warp) still needs OpenCV
+    assert opencv_missing(["delta_flow", "dynamic_degree"], raft=True) is None
+    reason = opencv_missing(["delta_flow", "motion_smoothness"], raft=True)
+    assert reason is not None and "motion_smoothness need OpenCV" in reason
+    assert "delta_flow, motion_smoothness" in str(opencv_missing(["delta_flow", "motion_smoothness"], raft=False))
