@@ -2,23 +2,27 @@
 
 An adapter describes one model family without changing it:
 
-- the **temporal information block** (TIB): the module names that turn the timestep (and
-  other sample-independent conditions such as fps) into temporal features, and how to
-  evaluate them for a batch of timesteps;
+- the **temporal information block** (TIB): the module names (or ``fnmatch`` patterns) that
+  turn the timestep (and other sample-independent conditions such as fps) into temporal
+  features, and how to evaluate them for a batch of timesteps. The features may be produced
+  before the first block (STDiT3's ``t``/``t_mlp``) or inside every block (the per-block adaLN
+  linears of CogVideoX, FLUX or HunyuanVideo): :func:`serve_module_outputs` routes the latter
+  through an override one module at a time;
 - the **transformer blocks** in execution order and how to run one of them on recorded
   inputs (:class:`BlockBatch`), plus everything before the first block (``embed``);
 - the **attention sites** whose matmul inputs can be quantized;
 - the layers kept in full precision, by name pattern (``fnmatch`` syntax).
 
-PixArt (``adaln_single``), FLUX (``time_text_embed``) or Wan (``condition_embedder``) adapters
-implement the same methods with their own module names.
+PixArt (``adaln_single``), FLUX (``time_text_embed`` and every block's ``norm1.linear``) or Wan
+(``condition_embedder``) adapters implement the same methods with their own module names.
 """
 
 from __future__ import annotations
 
+import fnmatch
 import importlib
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -28,8 +32,30 @@ from torch import nn
 from tfmq_video.errors import ConfigError
 
 TemporalFeatures = dict[str, torch.Tensor]
-# (timestep (B,), conditions, compute) -> features; ``compute()`` evaluates the model's own TIB.
-TemporalOverride = Callable[[torch.Tensor, Mapping[str, torch.Tensor], Callable[[], TemporalFeatures]], TemporalFeatures]
+# (batch, conditions, compute, names) -> features ``names`` (every feature when None), (batch, dim)
+# each; ``compute()`` evaluates the model's own TIB for (at least) those features.
+TemporalOverride = Callable[
+    [int, Mapping[str, torch.Tensor], Callable[[], TemporalFeatures], Sequence[str] | None], TemporalFeatures
+]
+
+
+def matches_module_pattern(name: str, pattern: str) -> bool:
+    """Whether module ``name`` or one of its parents matches the ``fnmatch`` ``pattern``
+    (``blocks.*.attn`` covers ``blocks.3.attn.qkv``)."""
+    parts = name.split(".")
+    return any(fnmatch.fnmatchcase(".".join(parts[:i]), pattern) for i in range(1, len(parts) + 1))
+
+
+def _static_equal(a: Mapping[str, Any], b: Mapping[str, Any]) -> bool:
+    """Equality of two ``BlockBatch.static`` dicts whose values may hold tensors (rotary tables)."""
+    def same(x: Any, y: Any) -> bool:
+        if torch.is_tensor(x) or torch.is_tensor(y):
+            return torch.is_tensor(x) and torch.is_tensor(y) and x.shape == y.shape and torch.equal(x, y)
+        if isinstance(x, (tuple, list)) and isinstance(y, (tuple, list)):
+            return len(x) == len(y) and all(same(u, v) for u, v in zip(x, y, strict=True))
+        return bool(x == y)
+
+    return a.keys() == b.keys() and all(same(a[k], b[k]) for k in a)
 
 
 @dataclass
@@ -67,7 +93,7 @@ class BlockBatch:
             raise ConfigError("no calibration data: the calibration set has no recorded steps")
         static = batches[0].static
         for other in batches[1:]:
-            if other.static != static:
+            if not _static_equal(other.static, static):
                 raise ConfigError(f"calibration inputs of different shapes cannot be mixed: {static} vs {other.static}")
         rows = {
             k: (None if batches[0].rows[k] is None else torch.cat([b.rows[k] for b in batches]))  # type: ignore[misc]
@@ -83,10 +109,9 @@ class DiTAdapter(ABC):
     """Describes a diffusion transformer family to the calibration code (see module docstring)."""
 
     name: str = ""
-    #: module names (prefixes) that make up the temporal information block
+    #: module names (or ``fnmatch`` patterns, e.g. ``transformer_blocks.*.norm1.linear``) that make
+    #: up the temporal information block; a name covers everything below the module
     temporal_modules: tuple[str, ...] = ()
-    #: names of the temporal features the TIB produces
-    temporal_feature_names: tuple[str, ...] = ()
     #: layers that always stay FP for this family (fnmatch patterns over module names)
     keep_fp_patterns: tuple[str, ...] = ()
 
@@ -102,6 +127,11 @@ class DiTAdapter(ABC):
     @abstractmethod
     def model_config(self, model: nn.Module) -> dict[str, Any]:
         """The JSON config that rebuilds ``model`` with :meth:`build_model`."""
+
+    def prepare(self, model: nn.Module) -> None:
+        """Make ``model`` quantizable in place without changing its outputs (e.g. give its attention
+        sites an ``attention(q, k, v)`` method); called before it is wrapped. Nothing by default."""
+        return None
 
     # ---------------------------------------------------------------- temporal information block
     @abstractmethod
@@ -120,7 +150,10 @@ class DiTAdapter(ABC):
 
     @abstractmethod
     def override_temporal_features(self, model: nn.Module, override: TemporalOverride | None) -> None:
-        """Route the model's TIB through ``override`` (a cache lookup) or restore it (None)."""
+        """Route the model's TIB through ``override`` (a cache lookup) or restore it (None).
+
+        The override also applies when a block runs alone on recorded rows (block reconstruction):
+        features computed inside a block must be routed there, not only in the model's forward."""
 
     # ---------------------------------------------------------------- blocks
     @abstractmethod
@@ -139,6 +172,18 @@ class DiTAdapter(ABC):
     def run_block(self, block: nn.Module, batch: BlockBatch) -> torch.Tensor:
         """One block's output token stream for ``batch``."""
 
+    def output_tensor(self, output: Any) -> torch.Tensor:
+        """The prediction in a model call's result: the tensor itself, the first item of a tuple, or
+        the ``sample`` of a diffusers output object."""
+        if torch.is_tensor(output):
+            return output
+        if isinstance(output, (tuple, list)) and output and torch.is_tensor(output[0]):
+            return output[0]
+        sample = getattr(output, "sample", None)
+        if torch.is_tensor(sample):
+            return sample
+        raise TypeError(f"{type(self).__name__}: cannot find the prediction in a {type(output).__name__} result")
+
     def head_name(self, model: nn.Module) -> str | None:
         """Module name of the output layer run after the last block (reconstructed like a block), if any."""
         return None
@@ -150,16 +195,49 @@ class DiTAdapter(ABC):
     # ---------------------------------------------------------------- shared helpers
     def is_temporal(self, module_name: str) -> bool:
         """Whether ``module_name`` lies inside the TIB."""
-        return any(module_name == p or module_name.startswith(p + ".") for p in self.temporal_modules)
+        return any(matches_module_pattern(module_name, p) for p in self.temporal_modules)
+
+    def temporal_module_names(self, model: nn.Module) -> list[str]:
+        """The TIB's top-level modules in ``model`` (patterns expanded; modules below a TIB module left out)."""
+        names = [name for name, _ in model.named_modules() if name and self.is_temporal(name)]
+        return [name for name in names if not any(name.startswith(other + ".") for other in names)]
 
     def blocks(self, model: nn.Module) -> list[tuple[str, nn.Module]]:
         """The transformer blocks with their names, in execution order."""
         return [(name, model.get_submodule(name)) for name in self.block_names(model)]
 
 
+def serve_module_outputs(
+    model: nn.Module, feature_modules: Mapping[str, str], override: TemporalOverride | None,
+    conditions: Mapping[str, torch.Tensor] | None = None,
+) -> None:
+    """Route temporal features that are outputs of single modules (per-block adaLN linears) through
+    ``override``, or restore the modules (None).
+
+    ``feature_modules``: feature name -> module name. Each module's ``forward`` is shadowed by an
+    instance attribute asking ``override`` for its one feature, with ``compute`` running the
+    module; so the override applies wherever the module runs, in the model's forward as in a
+    block run alone. ``conditions``: the TIB conditions the override is told (constant per model).
+    """
+    for feature, module_name in feature_modules.items():
+        module = model.get_submodule(module_name)
+        module.__dict__.pop("forward", None)
+        if override is not None:
+            module.__dict__["forward"] = _served_forward(module.forward, feature, override, dict(conditions or {}))
+
+
+def _served_forward(original: Callable[[torch.Tensor], torch.Tensor], feature: str, override: TemporalOverride,
+                    conditions: dict[str, torch.Tensor]) -> Callable[[torch.Tensor], torch.Tensor]:
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        return override(x.shape[0], conditions, lambda: {feature: original(x)}, (feature,))[feature]
+
+    return forward
+
+
 # adapter name -> "module:Class"; imported only when used
 ADAPTERS: dict[str, str] = {
     "opensora-stdit3": "dit_adapters.opensora.adapter:STDiT3Adapter",
+    "cogvideox": "dit_adapters.cogvideox.adapter:CogVideoXAdapter",
 }
 
 

@@ -30,7 +30,6 @@ class STDiT3Adapter(DiTAdapter):
 
     name = "opensora-stdit3"
     temporal_modules = ("t_embedder", "fps_embedder", "t_block")
-    temporal_feature_names = ("t", "t_mlp")
     keep_fp_patterns = ()
 
     def build_model(self, config: Mapping[str, Any]) -> nn.Module:
@@ -85,7 +84,7 @@ class STDiT3Adapter(DiTAdapter):
                 t, t_mlp = original(timestep, fps)
                 return {"t": t, "t_mlp": t_mlp}
 
-            features = override(timestep, {"fps": fps.reshape(-1)[:1].float()}, compute)
+            features = override(timestep.shape[0], {"fps": fps.reshape(-1)[:1].float()}, compute, None)
             return features["t"], features["t_mlp"]
 
         model.__dict__["time_embedding"] = time_embedding

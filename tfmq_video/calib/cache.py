@@ -11,7 +11,7 @@ TIB conditions than calibrated (e.g. another fps) fall back to the quantized TIB
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -99,16 +99,17 @@ class TemporalFeatureCache(nn.Module):
         return True
 
     def forward(
-        self, timestep: torch.Tensor, conditions: Mapping[str, torch.Tensor], compute: Callable[[], TemporalFeatures]
+        self, batch: int, conditions: Mapping[str, torch.Tensor], compute: Callable[[], TemporalFeatures],
+        names: Sequence[str] | None = None,
     ) -> TemporalFeatures:
-        """Temporal features for a call: cached where chosen for the current step, computed elsewhere."""
+        """Temporal features ``names`` (every cached one when None) for ``batch`` rows: cached where
+        chosen for the current step (or each row's step, during block reconstruction), computed elsewhere."""
         if not self._conditions_match(conditions):
             return compute()
         steps = self.context.current()
-        batch = timestep.shape[0]
         computed: TemporalFeatures | None = None
         out = {}
-        for name in self.feature_names:
+        for name in self.feature_names if names is None else names:
             use = getattr(self, f"{name}_use_cache")[steps]
             cached = self.lookup(name, steps)
             if cached.dim() == 1:

@@ -29,7 +29,7 @@ from tfmq_video.devices import model_device
 from tfmq_video.quant.config import RecipeConfig
 from tfmq_video.quant.model import QuantizedModel
 from tfmq_video.quant.modules import QuantConv, QuantWeightLayer, activation_quantizers
-from tfmq_video.quant.quantizers import StepContext
+from tfmq_video.quant.quantizers import ActQuantizer, StepContext
 
 
 def embed_calls(adapter: DiTAdapter, model: nn.Module, calibration: CalibrationSet,
@@ -60,24 +60,31 @@ def embedding_layer_names(qmodel: QuantizedModel) -> list[str]:
 def capture_embed_io(
     adapter: DiTAdapter, model: nn.Module, calibration: CalibrationSet, names: list[str],
     context: StepContext | None,
-) -> tuple[list[str], dict[str, torch.Tensor], dict[str, torch.Tensor], torch.Tensor]:
+) -> tuple[list[str], dict[str, torch.Tensor], dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """Inputs and outputs of the layers ``names`` over every recorded call's embedding (rows of
-    all calls stacked, on CPU): the layers in execution order, inputs, outputs and each row's step."""
-    steps = []
+    all calls stacked, on CPU): the layers in execution order, inputs, outputs and each input
+    row's step. A layer may see several rows per sample (a patch convolution run per frame), the
+    same number for every call."""
+    samples = []
     device = model_device(model)
     with recording_layer_io(model, names, store="cpu") as seen, torch.no_grad():
         for call in calibration.calls:
             if context is not None:
                 context.set_index(call.step)
             adapter.embed(model, *call.on(device))
-            steps.append(torch.full((len(call.args[0]),), call.step, dtype=torch.long))
-    rows = torch.cat(steps)
+            samples.append(len(call.args[0]))
+    steps: dict[str, torch.Tensor] = {}
     for name in seen.order:
-        if seen.calls(name) != len(calibration.calls) or sum(len(t) for t in seen.inputs[name]) != len(rows):
-            raise RuntimeError(f"embedding layer {name} does not run once per sample and call: it cannot be "
-                               "reconstructed layer by layer")
+        per_call = [len(t) for t in seen.inputs[name]]
+        ratios = {rows / count for rows, count in zip(per_call, samples, strict=False)}
+        if len(per_call) != len(samples) or len(ratios) != 1 or not float(next(iter(ratios))).is_integer():
+            raise RuntimeError(f"embedding layer {name} does not run once per call on the same number of rows per "
+                               "sample: it cannot be reconstructed layer by layer")
+        per_sample = int(ratios.pop())
+        steps[name] = torch.cat([torch.full((count * per_sample,), call.step, dtype=torch.long)
+                                 for call, count in zip(calibration.calls, samples, strict=True)])
     return (seen.order, {k: torch.cat(v) for k, v in seen.inputs.items()},
-            {k: torch.cat(v) for k, v in seen.outputs.items()}, rows)
+            {k: torch.cat(v) for k, v in seen.outputs.items()}, steps)
 
 
 def reconstruct_embeddings(
@@ -91,15 +98,13 @@ def reconstruct_embeddings(
     if not names:
         return {}
     order, _, targets, _ = capture_embed_io(adapter, fp_model, calibration, names, None)
-    keep: torch.Tensor | None = None
     report: dict[str, Any] = {}
     for name in order:
         start = time.perf_counter()
         layer = qmodel.model.get_submodule(name)
         _, q_inputs, _, steps = capture_embed_io(adapter, qmodel.model, calibration, [name], context)
-        if keep is None:
-            keep = subsample_rows(len(steps), recipe.calibration.max_rows, recipe.seed)
-        rows = BlockBatch(q_inputs[name][keep], {}, {}, steps[keep])
+        keep = subsample_rows(len(steps[name]), recipe.calibration.max_rows, recipe.seed)
+        rows = BlockBatch(q_inputs[name][keep], {}, {}, steps[name][keep])
         loss = block_loss(lambda unit, batch: unit(batch.hidden), layer, rows, targets[name][keep], context,
                           generator, recipe.reconstruction.batch_size)
         acts = [layer.input_quant] if layer.input_quant is not None else []
@@ -198,13 +203,29 @@ def channel_means(runner: UnitRunner, block: nn.Module, rows: BlockBatch, names:
     return means
 
 
+def unit_layers(qmodel: QuantizedModel, unit: str) -> dict[str, QuantWeightLayer]:
+    """The quantized layers a unit's reconstruction calibrates, by name inside the unit: all of
+    them but the TIB's (per-block adaLN linears belong to the TIB, calibrated before the blocks)."""
+    prefix = unit + "."
+    return {name[len(prefix):]: layer for name, layer in qmodel.weight_layers()
+            if name.startswith(prefix) and qmodel.plans[name].role != "tib"}
+
+
+def unit_activation_quantizers(qmodel: QuantizedModel, unit: str) -> list[ActQuantizer]:
+    """The unit's activation quantizers, without those of its TIB layers (per-timestep under FSC)."""
+    tib = {id(q) for name, layer in qmodel.weight_layers("tib") if name.startswith(unit + ".")
+           for q in activation_quantizers(layer)}
+    return [q for q in activation_quantizers(qmodel.model.get_submodule(unit)) if id(q) not in tib]
+
+
 def correct_biases(runner: UnitRunner, q_block: nn.Module, fp_block: nn.Module, q_rows: BlockBatch,
-                   fp_rows: BlockBatch, chunk: int, context: StepContext | None) -> dict[str, float]:
-    """Empirical bias correction of a frozen unit (see ``ReconstructionConfig``): each quantized
-    layer with a bias, in execution order, gets the mean FP-minus-quantized output added to its
-    bias, measured after its predecessors were corrected. Returns each layer's shift (L2 norm)
-    relative to its bias's."""
-    names = [name for name, m in q_block.named_modules() if isinstance(m, QuantWeightLayer) and m.bias is not None]
+                   fp_rows: BlockBatch, chunk: int, context: StepContext | None,
+                   layers: dict[str, QuantWeightLayer]) -> dict[str, float]:
+    """Empirical bias correction of a frozen unit (see ``ReconstructionConfig``): each of its
+    ``layers`` (name inside the unit -> layer) with a bias, in execution order, gets the mean
+    FP-minus-quantized output added to its bias, measured after its predecessors were corrected.
+    Returns each layer's shift (L2 norm) relative to its bias's."""
+    names = [name for name, m in layers.items() if m.bias is not None]
     if not names:
         return {}
     fp_means = channel_means(runner, fp_block, fp_rows, names, chunk, None)
@@ -245,16 +266,17 @@ def reconstruct_blocks(
         start = time.perf_counter()
         q_block = qmodel.model.get_submodule(name)
         target = run_rows(runner, fp_model.get_submodule(name), fp_rows, chunk, None)
-        layers = [m for m in q_block.modules() if isinstance(m, QuantWeightLayer)]
+        layers = unit_layers(qmodel, name)
         loss = block_loss(runner, q_block, q_rows, target, context, generator, cfg.batch_size)
-        losses = optimize_rounding(layers, activation_quantizers(q_block), loss, schedule, name, recipe.progress)
+        losses = optimize_rounding(list(layers.values()), unit_activation_quantizers(qmodel, name), loss, schedule,
+                                   name, recipe.progress)
         entry: dict[str, Any] = {"first_loss": losses[0] if losses else None,
                                  "last_loss": losses[-1] if losses else None}
         if cfg.bias_correction:
             entry["output_error_before_bias_correction"] = float(relative_error(
                 run_rows(runner, q_block, q_rows, chunk, context), target))
             entry["bias_shifts"] = correct_biases(runner, q_block, fp_model.get_submodule(name), q_rows, fp_rows,
-                                                  chunk, context)
+                                                  chunk, context, layers)
         q_out = run_rows(runner, q_block, q_rows, chunk, context)
         entry["output_error"] = float(relative_error(q_out, target))
         entry["seconds"] = time.perf_counter() - start

@@ -8,6 +8,7 @@ CPU. Cost: one sampler run, i.e. O(T) model calls, for the whole calibration set
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -72,12 +73,16 @@ class StepRecorder:
 
     def __call__(self, state: StepState) -> None:
         """Keep ``state``'s model call when its step is requested."""
-        self.num_steps_seen = max(self.num_steps_seen, state.index + 1)
-        if self.steps is not None and state.index not in self.steps:
+        self.add(state.index, float(state.timestep.reshape(-1)[0]), (state.model_input, state.model_timestep),
+                 dict(state.model_kwargs))
+
+    def add(self, index: int, timestep: float, args: tuple, kwargs: dict[str, Any]) -> None:
+        """Keep the call ``model(*args, **kwargs)`` of sampler step ``index`` (on CPU) when requested."""
+        self.num_steps_seen = max(self.num_steps_seen, index + 1)
+        if self.steps is not None and index not in self.steps:
             return
-        self.timesteps.setdefault(state.index, float(state.timestep.reshape(-1)[0]))
-        args = (move(state.model_input, "cpu"), move(state.model_timestep, "cpu"))
-        self.raw.append((state.index, args, move(dict(state.model_kwargs), "cpu")))
+        self.timesteps.setdefault(index, timestep)
+        self.raw.append((index, move(args, "cpu"), move(kwargs, "cpu")))
 
     def calibration_set(self) -> CalibrationSet:
         """The recorded calls, with sampler steps renumbered as calibrated step indices."""
@@ -93,6 +98,58 @@ class StepRecorder:
         index = {s: i for i, s in enumerate(order)}
         calls = [RecordedCall(index[s], args, kwargs) for s, args, kwargs in self.raw]
         return CalibrationSet([self.timesteps[s] for s in order], calls, order)
+
+
+def _canonical_call(signature: inspect.Signature, args: tuple, kwargs: dict[str, Any]) -> tuple[tuple, dict]:
+    """A call as leading positional arguments (every parameter given, up to the first one left
+    out) plus keywords, whatever mix the caller used: the sample is then always ``args[0]``."""
+    bound = signature.bind(*args, **kwargs)
+    positional: list[Any] = []
+    keywords: dict[str, Any] = {}
+    leading = True
+    for name, param in signature.parameters.items():
+        if param.kind is inspect.Parameter.VAR_KEYWORD:
+            keywords.update(bound.arguments.get(name, {}))
+        elif param.kind is inspect.Parameter.VAR_POSITIONAL:
+            positional.extend(bound.arguments.get(name, ()))
+        elif name not in bound.arguments:
+            leading = False
+        elif leading and param.kind is not inspect.Parameter.KEYWORD_ONLY:
+            positional.append(bound.arguments[name])
+        else:
+            leading = False
+            keywords[name] = bound.arguments[name]
+    return tuple(positional), keywords
+
+
+@torch.no_grad()
+def record_calls(model: torch.nn.Module, timestep_of: Callable[[tuple, dict[str, Any]], torch.Tensor],
+                 run: Callable[[], Any], steps: Iterable[int] | None = None) -> CalibrationSet:
+    """Calibration data from any sampling loop (a diffusers pipeline, say): ``run()`` samples with
+    ``model`` once, and a forward pre-hook keeps the model's calls (on CPU).
+
+    The sampler steps are numbered by the order in which their timesteps first appear, so several
+    sampling runs inside ``run`` (batches of prompts) share the numbering, and the calls of one
+    timestep (conditional and unconditional halves, or a second-order solver's two evaluations)
+    belong to one step. ``timestep_of``: the adapter's, reading a call's timestep. ``steps``:
+    sampler step indices to keep (None = all). Calls are stored with the sample as ``args[0]``.
+    """
+    signature = inspect.signature(model.forward)
+    recorder = StepRecorder(steps)
+    order: dict[float, int] = {}
+
+    def keep(_: torch.nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
+        args, kwargs = _canonical_call(signature, args, kwargs)
+        timestep = float(torch.as_tensor(timestep_of(args, kwargs)).reshape(-1)[0])
+        index = order.setdefault(timestep, len(order))
+        recorder.add(index, timestep, args, kwargs)
+
+    handle = model.register_forward_pre_hook(keep, with_kwargs=True)
+    try:
+        run()
+    finally:
+        handle.remove()
+    return recorder.calibration_set()
 
 
 def calibration_seeds(seed: int, count: int) -> list[int]:

@@ -18,7 +18,7 @@ Three measures of "error" (``tib.select_by``):
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -93,11 +93,13 @@ def _serving(name: str, value: torch.Tensor) -> TemporalOverride:
     """An override that computes the FP features and replaces ``name`` by ``value`` (dim,) in every row."""
 
     def override(
-        timestep: torch.Tensor, conditions: Mapping[str, torch.Tensor], compute: Callable[[], TemporalFeatures]
+        batch: int, conditions: Mapping[str, torch.Tensor], compute: Callable[[], TemporalFeatures],
+        names: Sequence[str] | None,
     ) -> TemporalFeatures:
         features = dict(compute())
-        reference = features[name]
-        features[name] = value.to(reference.dtype).expand_as(reference)
+        if name in features:
+            reference = features[name]
+            features[name] = value.to(reference.dtype).expand_as(reference)
         return features
 
     return override
@@ -124,11 +126,11 @@ def output_errors(
         for step in tqdm(sorted(by_step), desc="selection by output", leave=False, disable=not progress):
             calls = [call.on(device) for call in by_step[step]]
             adapter.override_temporal_features(fp_model, None)
-            references = [fp_model(*args, **kwargs).float() for args, kwargs in calls]
+            references = [adapter.output_tensor(fp_model(*args, **kwargs)).float() for args, kwargs in calls]
             norm = sum(float(ref.pow(2).sum()) for ref in references)
             for strategy, name in jobs:
                 adapter.override_temporal_features(fp_model, _serving(name, candidates[strategy][name][step]))
-                diff = sum(float((fp_model(*args, **kwargs).float() - ref).pow(2).sum())
+                diff = sum(float((adapter.output_tensor(fp_model(*args, **kwargs)).float() - ref).pow(2).sum())
                            for (args, kwargs), ref in zip(calls, references, strict=True))
                 errors[strategy][name][step] = diff / max(norm, 1e-30)
     finally:

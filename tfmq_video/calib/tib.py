@@ -59,7 +59,7 @@ class TemporalInformationBlock:
 
     def modules(self, model: nn.Module) -> list[tuple[str, nn.Module]]:
         """The TIB's modules inside ``model``."""
-        return [(name, model.get_submodule(name)) for name in self.adapter.temporal_modules]
+        return [(name, model.get_submodule(name)) for name in self.adapter.temporal_module_names(model)]
 
     def features(self, model: nn.Module, qmodel: QuantizedModel | None = None) -> TemporalFeatures:
         """Temporal features (S, dim) per feature name; with ``qmodel``, rows use their step's parameters."""
@@ -105,7 +105,7 @@ def graft_tib(qmodel: QuantizedModel, donor: nn.Module, cache: nn.Module | None 
                           "a calibration on the same calibration set")
     grafted = copy.deepcopy(qmodel)
     grafted.set_temporal_cache(None)  # drops the copied override, which still calls the original model
-    for name in grafted.adapter.temporal_modules:
+    for name in grafted.adapter.temporal_module_names(grafted.model):
         parent_name, _, child = name.rpartition(".")
         parent = grafted.model.get_submodule(parent_name) if parent_name else grafted.model
         setattr(parent, child, copy.deepcopy(donor.get_submodule(name)))

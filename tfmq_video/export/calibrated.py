@@ -20,11 +20,15 @@ from pathlib import Path
 
 from torch import nn
 
+from tfmq_video.errors import ConfigError
 from tfmq_video.export.format import save_quantized
 from tfmq_video.quant.model import QuantizedModel, to_records
 from tfmq_video.runtime.convert import TemporalFeatureCache
 
 log = logging.getLogger(__name__)
+
+#: families the integer runtime can run (its temporal cache format holds STDiT3's ``t``/``t_mlp``)
+EXPORTABLE_ADAPTERS = ("opensora-stdit3",)
 
 
 def plain_model(qmodel: QuantizedModel) -> nn.Module:
@@ -46,6 +50,10 @@ def runtime_cache(served: dict) -> TemporalFeatureCache | None:
 
 def export_calibrated(qmodel: QuantizedModel, folder: str | os.PathLike) -> Path:
     """Write ``qmodel`` as a packed integer checkpoint into ``folder`` (atomically); returns it."""
+    if qmodel.adapter.name not in EXPORTABLE_ADAPTERS:
+        raise ConfigError(f"export to the integer runtime supports {list(EXPORTABLE_ADAPTERS)}, not "
+                          f"{qmodel.adapter.name!r}; run the calibrated model as it is (fake-quant), or save it "
+                          "with save_calibrated")
     records, served = to_records(qmodel)
     if qmodel.recipe is not None and qmodel.recipe.quant.quantize_attention:
         log.info("attention-matmul quantizers are not exported (format v1); the runtime picks its own attention")

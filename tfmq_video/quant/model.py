@@ -11,7 +11,6 @@ timestep of every call. :func:`to_records` hands the calibrated layers to export
 from __future__ import annotations
 
 import dataclasses
-import fnmatch
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -19,7 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from dit_adapters.base import DiTAdapter, TemporalOverride
+from dit_adapters.base import DiTAdapter, TemporalOverride, matches_module_pattern
 from tfmq_video.devices import model_device
 from tfmq_video.errors import ConfigError
 from tfmq_video.quant.affine import code_dtype
@@ -45,14 +44,9 @@ class LayerPlan:
     activation: ActSpec | None
 
 
-def _matches(name: str, pattern: str) -> bool:
-    parts = name.split(".")
-    return any(fnmatch.fnmatchcase(".".join(parts[:i]), pattern) for i in range(1, len(parts) + 1))
-
-
 def keep_fp_patterns(adapter: DiTAdapter, recipe: RecipeConfig, names: Sequence[str]) -> tuple[str, ...]:
     """The adapter's and the recipe's keep-FP patterns; an error names recipe patterns matching nothing."""
-    unknown = [p for p in recipe.quant.keep_fp if not any(_matches(n, p) for n in names)]
+    unknown = [p for p in recipe.quant.keep_fp if not any(matches_module_pattern(n, p) for n in names)]
     if unknown:
         raise ConfigError(
             f"quant.keep_fp names no layer of this model: {unknown}; use module names such as "
@@ -79,8 +73,8 @@ def plan_layers(model: nn.Module, adapter: DiTAdapter, recipe: RecipeConfig) -> 
     plans = {}
     for name in layers:
         temporal = adapter.is_temporal(name)
-        role = "tib" if temporal else ("block" if any(_matches(name, b) for b in blocks) else "other")
-        if any(_matches(name, p) for p in patterns) or (temporal and recipe.tib.keep_fp):
+        role = "tib" if temporal else ("block" if any(matches_module_pattern(name, b) for b in blocks) else "other")
+        if any(matches_module_pattern(name, p) for p in patterns) or (temporal and recipe.tib.keep_fp):
             plans[name] = LayerPlan(name, role, None, None)
             continue
         mode = "per_timestep" if temporal and recipe.tib.fsc else act.mode
@@ -153,6 +147,7 @@ def wrap_model(
     """Replace the model's layers in place by fake-quant ones (weight scales set by the init method
     unless ``initialize`` is False, e.g. when a checkpoint supplies them)."""
     context = StepContext(list(timesteps))
+    adapter.prepare(model)
     plans = plan_layers(model, adapter, recipe)
     for name, plan in plans.items():
         if plan.weight is None and plan.activation is None:
@@ -164,7 +159,7 @@ def wrap_model(
     if recipe.quant.quantize_attention:
         patterns = (*adapter.keep_fp_patterns, *recipe.quant.keep_fp)  # validated by plan_layers
         for site_name in adapter.attention_sites(model):
-            if not any(_matches(site_name, p) for p in patterns):
+            if not any(matches_module_pattern(site_name, p) for p in patterns):
                 _install_attention(model.get_submodule(site_name), recipe.quant.activation.spec(), context)
     return QuantizedModel(model, adapter, context, plans)
 

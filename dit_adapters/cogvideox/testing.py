@@ -1,0 +1,59 @@
+"""A tiny random CogVideoX transformer and a guided DDIM sampling loop, for tests and smoke runs."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+
+TINY_COGVIDEOX: dict[str, Any] = dict(
+    num_attention_heads=2, attention_head_dim=16, in_channels=4, out_channels=4, time_embed_dim=32,
+    text_embed_dim=24, num_layers=2, sample_width=8, sample_height=8, sample_frames=5, patch_size=2,
+    max_text_seq_length=6, temporal_compression_ratio=4,
+)
+TINY_LATENT = (2, 4, 8, 8)  # (frames, channels, height, width): CogVideoX's latent layout
+TINY_TEXT = (6, 24)
+
+
+def tiny_cogvideox(seed: int = 0, rotary: bool = False) -> nn.Module:
+    """A randomly initialized tiny ``CogVideoXTransformer3DModel`` (two blocks, width 32); with
+    ``rotary``, CogVideoX-5B's rotary positions instead of sincos tables."""
+    from diffusers import CogVideoXTransformer3DModel
+
+    torch.manual_seed(seed)
+    return CogVideoXTransformer3DModel(**TINY_COGVIDEOX, use_rotary_positional_embeddings=rotary).eval()
+
+
+def tiny_rotary_tables() -> tuple[torch.Tensor, torch.Tensor]:
+    """The rotary (cos, sin) tables a CogVideoX pipeline passes the tiny model."""
+    from diffusers.models.embeddings import get_3d_rotary_pos_embed
+
+    grid = TINY_LATENT[2] // TINY_COGVIDEOX["patch_size"]
+    return get_3d_rotary_pos_embed(TINY_COGVIDEOX["attention_head_dim"], ((0, 0), (grid, grid)), (grid, grid),
+                                   TINY_LATENT[0])
+
+
+@torch.no_grad()
+def sample_tiny_cogvideox(model: Callable[..., Any], seeds: tuple[int, ...] = (0, 1), num_steps: int = 4,
+                          guidance: float = 5.0, rotary: bool = False) -> torch.Tensor:
+    """Guided DDIM (v-prediction) sampling as CogVideoX's pipeline calls the transformer: keyword
+    arguments, conditional and unconditional halves in one call, one sampling run per seed."""
+    from diffusers import CogVideoXDDIMScheduler
+
+    scheduler = CogVideoXDDIMScheduler(prediction_type="v_prediction", timestep_spacing="trailing")
+    outputs = []
+    for seed in seeds:
+        generator = torch.Generator().manual_seed(seed)
+        latents = torch.randn(1, *TINY_LATENT, generator=generator)
+        text = torch.cat([torch.zeros(1, *TINY_TEXT), torch.randn(1, *TINY_TEXT, generator=generator)])
+        scheduler.set_timesteps(num_steps)
+        for t in scheduler.timesteps:
+            kwargs = {"image_rotary_emb": tiny_rotary_tables()} if rotary else {}
+            out = model(hidden_states=torch.cat([latents, latents]), encoder_hidden_states=text,
+                        timestep=t.expand(2), return_dict=False, **kwargs)[0]
+            uncond, cond = out.chunk(2)
+            latents = scheduler.step(uncond + guidance * (cond - uncond), t, latents).prev_sample
+        outputs.append(latents)
+    return torch.cat(outputs)
