@@ -57,3 +57,32 @@ def sample_tiny_cogvideox(model: Callable[..., Any], seeds: tuple[int, ...] = (0
             latents = scheduler.step(uncond + guidance * (cond - uncond), t, latents).prev_sample
         outputs.append(latents)
     return torch.cat(outputs)
+
+
+def tiny_cogvideox_pipeline(seed: int = 0) -> Any:
+    """A real diffusers ``CogVideoXPipeline`` of tiny random parts: a word-level tokenizer, a one-layer
+    T5 encoder, a two-level CogVideoX VAE and :func:`tiny_cogvideox` (16 x 16 pixels, 5 frames)."""
+    from diffusers import AutoencoderKLCogVideoX, CogVideoXDDIMScheduler, CogVideoXPipeline
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast, T5Config, T5EncoderModel
+
+    words = ["a", "red", "blue", "ball", "square", "moves", "left", "right", "up", "down"]
+    vocab = {"<pad>": 0, "</s>": 1, "<unk>": 2, **{word: i + 3 for i, word in enumerate(words)}}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", eos_token="</s>",
+                                        unk_token="<unk>")
+    torch.manual_seed(seed)
+    text_encoder = T5EncoderModel(T5Config(vocab_size=len(vocab), d_model=TINY_TEXT[1], d_ff=32, num_layers=1,
+                                           num_heads=2, d_kv=12)).eval()
+    vae = AutoencoderKLCogVideoX(down_block_types=("CogVideoXDownBlock3D",) * 2, up_block_types=("CogVideoXUpBlock3D",) * 2,
+                                 block_out_channels=(8, 8), latent_channels=TINY_LATENT[1], layers_per_block=1,
+                                 norm_num_groups=2, temporal_compression_ratio=4).eval()
+    scheduler = CogVideoXDDIMScheduler(prediction_type="v_prediction", timestep_spacing="trailing")
+    return CogVideoXPipeline(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae,
+                             transformer=tiny_cogvideox(seed), scheduler=scheduler)
+
+
+#: call options of :func:`tiny_cogvideox_pipeline` matching the tiny transformer's latent size
+TINY_PIPELINE_CALL: dict[str, Any] = dict(height=16, width=16, num_frames=5, num_inference_steps=4,
+                                          max_sequence_length=TINY_TEXT[0], guidance_scale=5.0, output_type="pt")

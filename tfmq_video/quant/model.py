@@ -112,6 +112,17 @@ class QuantizedModel(nn.Module):
         self.recipe: RecipeConfig | None = None  # set by quantize() / load_calibrated()
         self.fingerprint: str | None = None  # of the FP model it was calibrated from
 
+    def __getattr__(self, name: str) -> Any:
+        """Attributes not found here come from the wrapped model (``config``, ``dtype``), so the
+        quantized model drops into a pipeline that reads them (a diffusers pipeline's ``transformer``)."""
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            wrapped = self.__dict__.get("_modules", {}).get("model")
+            if wrapped is None or name.startswith("_"):
+                raise
+            return getattr(wrapped, name)
+
     def set_temporal_cache(self, cache: nn.Module | None) -> None:
         """Serve the temporal features through ``cache`` (a :class:`TemporalOverride` module) or stop."""
         self.temporal_cache = cache
