@@ -13,8 +13,6 @@ from tfmq_video.calib.baselines import method_recipe
 from tfmq_video.calib.recorder import record_calls
 from tfmq_video.quant.config import RecipeConfig
 
-pytest.importorskip("transformers", reason="the tiny pipeline's T5 encoder needs transformers (dev extra)")
-
 FAST = RecipeConfig(progress=False, tib={"iterations": 60}, reconstruction={"iterations": 10, "batch_size": 2})
 
 
@@ -23,6 +21,8 @@ def generate(pipe, seed: int) -> torch.Tensor:
 
 
 def test_pipeline_calibration_and_quantized_generation() -> None:
+    # imported here, not at collection: triton's interpreter switch (test_kernels_triton) must come first
+    pytest.importorskip("transformers", reason="the tiny pipeline's T5 encoder needs transformers (dev extra)")
     pipe = tiny_cogvideox_pipeline()
     pipe.set_progress_bar_config(disable=True)
     adapter = CogVideoXAdapter()
