@@ -214,8 +214,8 @@ def serve_module_outputs(
     """Route temporal features that are outputs of single modules (per-block adaLN linears) through
     ``override``, or restore the modules (None).
 
-    ``feature_modules``: feature name -> module name. Each module's ``forward`` is shadowed by an
-    instance attribute asking ``override`` for its one feature, with ``compute`` running the
+    ``feature_modules``: feature name -> module name. Each module's ``forward`` is shadowed by a
+    :class:`ServedForward` asking ``override`` for its one feature, with ``compute`` running the
     module; so the override applies wherever the module runs, in the model's forward as in a
     block run alone. ``conditions``: the TIB conditions the override is told (constant per model).
     """
@@ -223,15 +223,25 @@ def serve_module_outputs(
         module = model.get_submodule(module_name)
         module.__dict__.pop("forward", None)
         if override is not None:
-            module.__dict__["forward"] = _served_forward(module.forward, feature, override, dict(conditions or {}))
+            module.__dict__["forward"] = ServedForward(module, feature, override, dict(conditions or {}))
 
 
-def _served_forward(original: Callable[[torch.Tensor], torch.Tensor], feature: str, override: TemporalOverride,
-                    conditions: dict[str, torch.Tensor]) -> Callable[[torch.Tensor], torch.Tensor]:
-    def forward(x: torch.Tensor) -> torch.Tensor:
-        return override(x.shape[0], conditions, lambda: {feature: original(x)}, (feature,))[feature]
+class ServedForward:
+    """A module's forward that serves its output as temporal feature ``feature`` through ``override``.
 
-    return forward
+    Holds the module and the override as attributes (no closure), so a deep copy of the model
+    serves the copied module through the copied cache."""
+
+    def __init__(self, module: nn.Module, feature: str, override: TemporalOverride,
+                 conditions: dict[str, torch.Tensor]) -> None:
+        self.module, self.feature, self.override, self.conditions = module, feature, override, conditions
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """The served feature for the rows of ``x`` (the module's own output where the override computes)."""
+        def compute() -> TemporalFeatures:
+            return {self.feature: type(self.module).forward(self.module, x)}
+
+        return self.override(x.shape[0], self.conditions, compute, (self.feature,))[self.feature]
 
 
 # adapter name -> "module:Class"; imported only when used

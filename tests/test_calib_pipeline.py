@@ -43,6 +43,22 @@ def test_one_pass_records_every_requested_step_with_both_guidance_halves(model: 
     assert cal.nbytes() > 0
 
 
+def test_a_deep_copy_serves_its_own_cache(tfmq_model) -> None:
+    import copy
+
+    from tfmq_video.calib.testing import tiny_model_inputs
+
+    copied = copy.deepcopy(tfmq_model)
+    inputs = tiny_model_inputs(float(tfmq_model.context.timesteps[1]))
+    with torch.no_grad():
+        before = tfmq_model(**inputs)
+        assert torch.equal(copied(**inputs), before)
+        copied.temporal_cache.t_mlp_codes.zero_()
+        changed = copied(**inputs)
+        assert torch.equal(tfmq_model(**inputs), before)
+    assert not torch.allclose(changed, before)
+
+
 def test_missing_or_empty_steps_are_errors(model: torch.nn.Module) -> None:
     recorder = StepRecorder([1, 7])
     sample_tiny(model, batch=1, recorder=recorder)

@@ -166,6 +166,19 @@ def test_checkpoint_round_trip(quantized: dict, tmp_path: Path) -> None:
         assert torch.equal(loaded(**inputs)[0], qmodel(**inputs)[0])
 
 
+def test_a_deep_copy_serves_its_own_cache(quantized: dict) -> None:
+    qmodel = quantized["tfmq"]
+    copied = copy.deepcopy(qmodel)
+    inputs = call_inputs(float(qmodel.context.timesteps[1]))
+    with torch.no_grad():
+        before = qmodel(**inputs)[0]
+        assert torch.equal(copied(**inputs)[0], before)
+        copied.temporal_cache.block0_norm1_codes.zero_()
+        changed = copied(**inputs)[0]
+        assert torch.equal(qmodel(**inputs)[0], before)
+    assert not torch.allclose(changed, before)
+
+
 def test_export_to_the_integer_runtime_is_refused_clearly(quantized: dict, tmp_path: Path) -> None:
     from tfmq_video.export.calibrated import export_calibrated
 

@@ -25,6 +25,23 @@ def _argument(args: tuple, kwargs: Mapping[str, Any], name: str) -> Any:
     return args[position] if len(args) > position else kwargs.get(name)
 
 
+class ServedTimeEmbedding:
+    """``STDiT3.time_embedding`` served through a :data:`TemporalOverride`; the model and the
+    override are attributes (no closure), so a deep copy serves the copied model through the copied cache."""
+
+    def __init__(self, model: STDiT3, override: TemporalOverride) -> None:
+        self.model, self.override = model, override
+
+    def __call__(self, timestep: torch.Tensor, fps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(t, t_mlp)`` as the override serves them."""
+        def compute() -> TemporalFeatures:
+            t, t_mlp = STDiT3.time_embedding(self.model, timestep, fps)
+            return {"t": t, "t_mlp": t_mlp}
+
+        features = self.override(timestep.shape[0], {"fps": fps.reshape(-1)[:1].float()}, compute, None)
+        return features["t"], features["t_mlp"]
+
+
 class STDiT3Adapter(DiTAdapter):
     """Adapter of :class:`~dit_adapters.opensora.stdit3.STDiT3` (toy and XL/2 alike)."""
 
@@ -75,19 +92,8 @@ class STDiT3Adapter(DiTAdapter):
         """Shadow ``model.time_embedding`` by an instance attribute calling ``override``."""
         assert isinstance(model, STDiT3)
         model.__dict__.pop("time_embedding", None)
-        if override is None:
-            return
-        original = model.time_embedding
-
-        def time_embedding(timestep: torch.Tensor, fps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-            def compute() -> TemporalFeatures:
-                t, t_mlp = original(timestep, fps)
-                return {"t": t, "t_mlp": t_mlp}
-
-            features = override(timestep.shape[0], {"fps": fps.reshape(-1)[:1].float()}, compute, None)
-            return features["t"], features["t_mlp"]
-
-        model.__dict__["time_embedding"] = time_embedding
+        if override is not None:
+            model.__dict__["time_embedding"] = ServedTimeEmbedding(model, override)
 
     def block_names(self, model: nn.Module) -> list[str]:
         """``spatial_blocks.0, temporal_blocks.0, spatial_blocks.1, ...``."""
