@@ -207,23 +207,20 @@ class DiTAdapter(ABC):
         return [(name, model.get_submodule(name)) for name in self.block_names(model)]
 
 
-def serve_module_outputs(
-    model: nn.Module, feature_modules: Mapping[str, str], override: TemporalOverride | None,
-    conditions: Mapping[str, torch.Tensor] | None = None,
-) -> None:
+def serve_module_outputs(model: nn.Module, feature_modules: Mapping[str, str], override: TemporalOverride | None) -> None:
     """Route temporal features that are outputs of single modules (per-block adaLN linears) through
     ``override``, or restore the modules (None).
 
     ``feature_modules``: feature name -> module name. Each module's ``forward`` is shadowed by a
     :class:`ServedForward` asking ``override`` for its one feature, with ``compute`` running the
     module; so the override applies wherever the module runs, in the model's forward as in a
-    block run alone. ``conditions``: the TIB conditions the override is told (constant per model).
+    block run alone. The override is told no TIB conditions: the timestep is the only input.
     """
     for feature, module_name in feature_modules.items():
         module = model.get_submodule(module_name)
         module.__dict__.pop("forward", None)
         if override is not None:
-            module.__dict__["forward"] = ServedForward(module, feature, override, dict(conditions or {}))
+            module.__dict__["forward"] = ServedForward(module, feature, override)
 
 
 class ServedForward:
@@ -232,16 +229,15 @@ class ServedForward:
     Holds the module and the override as attributes (no closure), so a deep copy of the model
     serves the copied module through the copied cache."""
 
-    def __init__(self, module: nn.Module, feature: str, override: TemporalOverride,
-                 conditions: dict[str, torch.Tensor]) -> None:
-        self.module, self.feature, self.override, self.conditions = module, feature, override, conditions
+    def __init__(self, module: nn.Module, feature: str, override: TemporalOverride) -> None:
+        self.module, self.feature, self.override = module, feature, override
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """The served feature for the rows of ``x`` (the module's own output where the override computes)."""
         def compute() -> TemporalFeatures:
             return {self.feature: type(self.module).forward(self.module, x)}
 
-        return self.override(x.shape[0], self.conditions, compute, (self.feature,))[self.feature]
+        return self.override(x.shape[0], {}, compute, (self.feature,))[self.feature]
 
 
 # adapter name -> "module:Class"; imported only when used

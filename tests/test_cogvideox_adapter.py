@@ -127,6 +127,24 @@ def test_tfmq_has_the_lowest_temporal_feature_error(quantized: dict) -> None:
     assert set(choices) == set(ADAPTER.feature_modules(quantized["tfmq"].model))
 
 
+def test_block_reconstruction_leaves_the_tib_layers_inside_blocks_alone(cog: torch.nn.Module,
+                                                                        cog_calibration: CalibrationSet) -> None:
+    """The per-block adaLN linears belong to the TIB: their rounding, activation steps and biases
+    are TIAR's, so reconstructing the blocks around them must not move them."""
+    recipe = method_recipe("tfmq", 4, 8, FAST.model_copy(update={"reconstruction": FAST.reconstruction.model_copy(
+        update={"learn_act_scales": True, "bias_correction": True})}))
+    without = recipe.model_copy(update={"reconstruction": recipe.reconstruction.model_copy(update={"enabled": False})})
+    reconstructed = tfmq_video.quantize(cog, "cogvideox", cog_calibration, recipe)
+    tib_only = tfmq_video.quantize(cog, "cogvideox", cog_calibration, without)
+    tib_state = {name: value for name, value in tib_only.model.state_dict().items()
+                 if ADAPTER.is_temporal(name.rsplit(".", 1)[0]) and ".norm" in name}
+    assert tib_state
+    after = reconstructed.model.state_dict()
+    assert all(torch.equal(after[name], value) for name, value in tib_state.items())
+    blocks = [name for name in tib_only.model.state_dict() if ".attn1.to_q." in name]
+    assert any(not torch.equal(after[name], tib_only.model.state_dict()[name]) for name in blocks)
+
+
 def test_blocks_run_alone_on_mixed_step_rows_use_each_rows_step(quantized: dict,
                                                                  cog_calibration: CalibrationSet) -> None:
     """Block reconstruction mixes steps in a minibatch: the per-block features (cache or per-step

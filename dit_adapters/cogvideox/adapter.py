@@ -188,7 +188,7 @@ class CogVideoXAdapter(DiTAdapter):
     def embed(self, model: nn.Module, args: tuple, kwargs: Mapping[str, Any]) -> BlockBatch:
         """Text + video tokens (one stream, text first), ``temb`` per row; the text length and
         rotary tables are shared by the rows."""
-        self.temporal_conditions(args, kwargs)
+        self.temporal_conditions(args, kwargs)  # refuses ofs and timestep_cond, which embed would ignore
         hidden = _argument(args, kwargs, "hidden_states")
         text = _argument(args, kwargs, "encoder_hidden_states")
         timestep = self.timestep_of(args, kwargs).to(hidden.device)

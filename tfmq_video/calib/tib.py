@@ -104,7 +104,7 @@ def graft_tib(qmodel: QuantizedModel, donor: nn.Module, cache: nn.Module | None 
         raise ConfigError("the donor's cache was calibrated on other timesteps than this model; graft a TIB of "
                           "a calibration on the same calibration set")
     grafted = copy.deepcopy(qmodel)
-    grafted.set_temporal_cache(None)  # drops the copied override, which still calls the original model
+    grafted.set_temporal_cache(None)  # the copied override serves the TIB modules replaced below
     for name in grafted.adapter.temporal_module_names(grafted.model):
         parent_name, _, child = name.rpartition(".")
         parent = grafted.model.get_submodule(parent_name) if parent_name else grafted.model
