@@ -51,7 +51,7 @@ def test_bench_quality_rejects_repeated_seeds_and_a_missing_model(tmp_path: Path
     assert main([*args, "--calib-seeds", "0", "0"]) == 2
     assert "repeats a seed" in capsys.readouterr().err
     assert main([*args, "--model", str(tmp_path / "nowhere")]) == 2
-    assert "not an STDiT3 folder" in capsys.readouterr().err
+    assert "not a stdit3 model folder" in capsys.readouterr().err
     assert main([*args, "--fp-reseeds", "0"]) == 2
     assert "--fp-reseeds must be at least 1" in capsys.readouterr().err
     assert not (tmp_path / "q.json").exists()
@@ -83,21 +83,20 @@ def test_fp_videos_are_cached_by_model_and_seeds(tmp_path: Path, monkeypatch: py
     from tfmq_video.toy.world import load_toy_stdit3
 
     model = load_toy_stdit3()
-    null = model.y_embedder.y_embedding
     evaluator = ToyEvaluator(2, seed=0)
     sampled = []
     generate = evaluator.generate
-    monkeypatch.setattr(evaluator, "generate", lambda *args: sampled.append(args[2]) or generate(*args))
+    monkeypatch.setattr(evaluator, "generate", lambda *args: sampled.append(args[1]) or generate(*args))
 
-    first = evaluator.generate_fp(model, null, False, str(tmp_path))
-    assert sampled == [False] and len(list(tmp_path.glob("fp_*.safetensors"))) == 1
-    again = evaluator.generate_fp(model, null, False, str(tmp_path))
-    assert sampled == [False]  # read from the cache, not sampled again
+    first = evaluator.generate_fp(model, 0, str(tmp_path))
+    assert sampled == [0] and len(list(tmp_path.glob("fp_*.safetensors"))) == 1
+    again = evaluator.generate_fp(model, 0, str(tmp_path))
+    assert sampled == [0]  # read from the cache, not sampled again
     assert torch.equal(first, again)
-    evaluator.generate_fp(model, null, True, str(tmp_path))
-    assert sampled == [False, True] and len(list(tmp_path.glob("fp_*.safetensors"))) == 2
-    evaluator.generate_fp(model, null, 2, str(tmp_path))  # a second re-seeded set: its own file
-    assert sampled == [False, True, 2] and len(list(tmp_path.glob("fp_*.safetensors"))) == 3
+    evaluator.generate_fp(model, 1, str(tmp_path))
+    assert sampled == [0, 1] and len(list(tmp_path.glob("fp_*.safetensors"))) == 2
+    evaluator.generate_fp(model, 2, str(tmp_path))  # a second re-seeded set: its own file
+    assert sampled == [0, 1, 2] and len(list(tmp_path.glob("fp_*.safetensors"))) == 3
     seed_sets = [set(evaluator.seeds_for(k)) for k in range(3)]
     assert all(not (a & b) for i, a in enumerate(seed_sets) for b in seed_sets[i + 1:])
     assert evaluator.seeds_for(True) == evaluator.seeds_for(1)  # keys of caches written before stay valid

@@ -6,6 +6,7 @@ import importlib.util
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 from tfmq_video.toy.training import EMA, RunState, load_run, prefetched, save_run
@@ -46,15 +47,17 @@ def test_prefetched_keeps_order() -> None:
     assert [b for _, b in prefetched(lambda step: step * 2, range(3, 9), workers=3)] == [6, 8, 10, 12, 14, 16]
 
 
-def test_training_batches_are_a_function_of_seed_and_step() -> None:
-    tool = load_tool("train_toy_stdit3")
+@pytest.mark.parametrize("tool_name", ["train_toy_stdit3", "train_toy_cogvideox"])
+def test_training_batches_are_a_function_of_seed_and_step(tool_name: str) -> None:
+    tool = load_tool(tool_name)
     a, b, c = tool.training_batch(5, 0, 4), tool.training_batch(5, 0, 4), tool.training_batch(6, 0, 4)
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert not torch.equal(a["x0"], c["x0"])
 
 
-def test_interrupted_stdit3_training_resumes_exactly(tmp_path: Path, monkeypatch) -> None:
-    tool = load_tool("train_toy_stdit3")
+@pytest.mark.parametrize("tool_name", ["train_toy_stdit3", "train_toy_cogvideox"])
+def test_interrupted_training_resumes_exactly(tool_name: str, tmp_path: Path, monkeypatch) -> None:
+    tool = load_tool(tool_name)
     common = ["--batch-size", "2", "--checkpoint-every", "1", "--no-bf16", "--warmup", "1"]
     monkeypatch.setattr(sys, "argv", ["x", "--run-dir", str(tmp_path / "a"), "--steps", "2", *common])
     straight = tool.train(tool.parse_args())
@@ -64,3 +67,17 @@ def test_interrupted_stdit3_training_resumes_exactly(tmp_path: Path, monkeypatch
     resumed = tool.train(tool.parse_args())
     for (name, p), q in zip(straight.state_dict().items(), resumed.state_dict().values(), strict=True):
         assert torch.allclose(p, q, atol=1e-6), name
+
+
+def test_toy_cogvideox_export_loads_through_the_adapter(tmp_path: Path, monkeypatch) -> None:
+    from tfmq_video.toy.cogvideox_world import load_toy_cogvideox
+
+    tool = load_tool("train_toy_cogvideox")
+    monkeypatch.setattr(sys, "argv", ["x", "--run-dir", str(tmp_path / "run"), "--steps", "1", "--batch-size", "2",
+                                      "--no-bf16", "--export", str(tmp_path / "model")])
+    trained = tool.train(tool.parse_args())
+    loaded = load_toy_cogvideox(tmp_path / "model")
+    assert sorted(p.name for p in (tmp_path / "model").iterdir()) == [
+        "config.json", "diffusion_pytorch_model.safetensors", "training.json"]
+    for (name, p), q in zip(trained.state_dict().items(), loaded.state_dict().values(), strict=True):
+        assert torch.equal(p, q), name

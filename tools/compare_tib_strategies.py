@@ -64,9 +64,8 @@ def video_scores(qmodel: torch.nn.Module, model: torch.nn.Module, count: int, fp
     from tfmq_video.calib.quality import ToyEvaluator
 
     evaluator = ToyEvaluator(count, seed=0)
-    null = model.y_embedder.y_embedding
-    fp = evaluator.generate_fp(model, null, False, None if fp_cache is None else str(fp_cache))
-    scores = evaluator.score(evaluator.generate(qmodel, null), fp, evaluator.features(fp))
+    fp = evaluator.generate_fp(model, 0, None if fp_cache is None else str(fp_cache))
+    scores = evaluator.score(evaluator.generate(qmodel), fp, evaluator.features(fp))
     return {key: scores[key] for key in ("psnr_fp", "feature_error_fp", "fvd_fp")}
 
 

@@ -1,6 +1,6 @@
 """Measure the toy world's quality bar and write ``docs/toy_world.md`` (+ JSON).
 
-1. Caption following: the FP toy STDiT3, sampled with the default steps and guidance, on
+1. Caption following: the FP toy model (STDiT3, or with ``--family cogvideox`` the toy CogVideoX), sampled with the default steps and guidance, on
    held-out captions (combinations never seen in training) and on training captions; the
    bundled classifier labels each video (shape, color, direction).
 2. FVD in the toy feature space (the classifier's penultimate features) against fresh
@@ -8,6 +8,8 @@
    model, and the FP model with its weights perturbed by Gaussian noise (damaged models).
 
     python tools/measure_toy_world.py --out docs/toy_world.md --json docs/toy_world.json
+    python tools/measure_toy_world.py --family cogvideox --out docs/toy_world_cogvideox.md \
+        --json docs/toy_world_cogvideox.json --strip docs/toy_world_cogvideox_samples.png
 """
 
 from __future__ import annotations
@@ -37,7 +39,8 @@ from tfmq_video.toy.data import (
     make_clips,
     train_captions,
 )
-from tfmq_video.toy.world import TOY_SAMPLER_CONFIG, generate_latents, load_toy_classifier, load_toy_stdit3
+from tfmq_video.toy.families import TOY_FAMILY_NAMES, ToyFamily, toy_family
+from tfmq_video.toy.world import load_toy_classifier
 
 log = logging.getLogger("measure_toy_world")
 HEADS = ("shape", "color", "direction")
@@ -45,7 +48,9 @@ HEADS = ("shape", "color", "direction")
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", type=Path, default=None, help="STDiT3 folder to measure (default: the bundled one)")
+    parser.add_argument("--family", choices=TOY_FAMILY_NAMES, default="stdit3", help="which toy model family")
+    parser.add_argument("--model", type=Path, default=None,
+                        help="model folder of --family to measure (default: the bundled one)")
     parser.add_argument("--classifier", type=Path, default=None,
                         help="toy classifier folder (default: the bundled one)")
     parser.add_argument("--out", type=Path, default=Path("docs/toy_world.md"))
@@ -56,7 +61,6 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--fvd-videos", type=int, default=192, help="videos per FVD set")
     parser.add_argument("--damage", type=float, nargs="+", default=[0.05, 0.3],
                         help="relative std of the weight noise of the damaged models")
-    parser.add_argument("--batch-size", type=int, default=24)
     return parser.parse_args()
 
 
@@ -81,11 +85,11 @@ def confusion(predicted: torch.Tensor, labels: torch.Tensor, classes: int) -> to
     return torch.bincount(labels * classes + predicted, minlength=classes * classes).reshape(classes, classes)
 
 
-def sample(model: torch.nn.Module, captions: Sequence[Caption], first_seed: int, batch_size: int) -> torch.Tensor:
-    """FP samples, one seed per caption, with the default toy sampler."""
+def sample(family: ToyFamily, model: torch.nn.Module, captions: Sequence[Caption], first_seed: int) -> torch.Tensor:
+    """FP samples, one seed per caption, with the family's toy sampler."""
     seeds = list(range(first_seed, first_seed + len(captions)))
-    return generate_latents(model, model.y_embedder.y_embedding, [c.text for c in captions], seeds,
-                            sampler_config=TOY_SAMPLER_CONFIG, batch_size=batch_size, progress=True)
+    log.info("sampling %d videos", len(captions))
+    return family.generate(model, [c.text for c in captions], seeds)
 
 
 def damaged(model: torch.nn.Module, relative_std: float, seed: int = 0) -> torch.nn.Module:
@@ -113,14 +117,15 @@ def cycle(captions: Sequence[Caption], count: int) -> list[Caption]:
 def measure(args: argparse.Namespace) -> dict:
     """Run every measurement; returns the JSON record."""
     started = time.perf_counter()
-    model, classifier = load_toy_stdit3(args.model), load_toy_classifier(args.classifier)
+    family = toy_family(args.family)
+    model = family.load(None if args.model is None else str(args.model))
+    classifier = load_toy_classifier(args.classifier)
     held = [c for c in held_out_captions() for _ in range(args.held_out_seeds)]
     train = [c for c in train_captions() for _ in range(args.train_seeds)]
-    held_videos = sample(model, held, 10_000, args.batch_size)
-    train_videos = sample(model, train, 20_000, args.batch_size)
+    held_videos = sample(family, model, held, 10_000)
+    train_videos = sample(family, model, train, 20_000)
     record: dict = {
-        "sampler": {"num_steps": TOY_SAMPLER_CONFIG.num_steps, "guidance_scale": TOY_SAMPLER_CONFIG.guidance_scale,
-                    "shift": TOY_SAMPLER_CONFIG.fixed_shift},
+        "family": family.name, "sampler": family.sampler,
         "accuracy_held_out": caption_accuracy(classifier, held_videos, held),
         "accuracy_train_captions": caption_accuracy(classifier, train_videos, train),
     }
@@ -130,11 +135,11 @@ def measure(args: argparse.Namespace) -> dict:
     reference_features = features(classifier, clips_to_tensor(reference))
     fvd = {"procedural (noise floor)": frechet_distance_features(features(classifier, clips_to_tensor(floor)),
                                                                  reference_features)}
-    fp_videos = sample(model, fvd_captions, 30_000, args.batch_size)
+    fp_videos = sample(family, model, fvd_captions, 30_000)
     fvd["FP model"] = frechet_distance_features(features(classifier, fp_videos), reference_features)
     rows = {"FP": fp_videos[:6]}
     for std in args.damage:
-        videos = sample(damaged(model, std), fvd_captions, 30_000, args.batch_size)
+        videos = sample(family, damaged(model, std), fvd_captions, 30_000)
         fvd[f"weights + {std:g} x std noise"] = frechet_distance_features(features(classifier, videos), reference_features)
         rows[f"noise {std:g}"] = videos[:6]
     record["fvd_toy"] = fvd

@@ -114,12 +114,11 @@ def run_seed(model: torch.nn.Module, calibration: CalibrationSet, base: RecipeCo
     start = time.perf_counter()
     qmodel = tfmq_video.quantize(model, base.model.adapter, calibration, recipe)
     log.info("seed %d: %s calibrated in %.0f s", seed, blocks_method, time.perf_counter() - start)
-    null = model.y_embedder.y_embedding
     fp_features = evaluator.features(fp)
     rows = []
     for tib_name, donor in donors.items():
         served = variant(qmodel, model, tib_name, donor, blocks_method)
-        scores = evaluator.score(evaluator.generate(served, null), fp, fp_features)
+        scores = evaluator.score(evaluator.generate(served), fp, fp_features)
         rows.append({"seed": seed, "tib": tib_name, "native": tib_name == native_tib(blocks_method),
                      "temporal_feature_error": served_error(served, model, tib),
                      **{key: scores[key] for key in SCORES}})
@@ -207,8 +206,7 @@ def main() -> None:
     calibration = record_recipe_calibration(model, base.calibration, False)
     tib = TemporalInformationBlock.from_calibration(adapter, calibration)
     evaluator = ToyEvaluator(args.videos, seed=0)
-    fp = evaluator.generate_fp(model, model.y_embedder.y_embedding, 0, None if args.fp_cache is None else
-                               str(args.fp_cache))
+    fp = evaluator.generate_fp(model, 0, None if args.fp_cache is None else str(args.fp_cache))
     donors = tib_donors(model, calibration, base, args.tib, args.blocks_method)
     rows: list[dict[str, Any]] = []
     for seed in args.seeds:

@@ -102,7 +102,11 @@ class CogVideoXAdapter(DiTAdapter):
 
     def load_model(self, path: str) -> nn.Module:
         """The transformer of a diffusers folder: the pipeline folder (``transformer/`` inside) or the
-        transformer's own folder; safetensors weights only."""
+        transformer's own folder; safetensors weights only. ``toy``: the bundled toy CogVideoX."""
+        if path == "toy":
+            from tfmq_video.toy.cogvideox_world import TOY_COGVIDEOX_DIR
+
+            path = str(TOY_COGVIDEOX_DIR)
         folder = Path(path)
         if (folder / "transformer" / "config.json").is_file():
             folder = folder / "transformer"

@@ -8,6 +8,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from dit_adapters.cogvideox.sampling import guided_ddim_sample
+
 TINY_COGVIDEOX: dict[str, Any] = dict(
     num_attention_heads=2, attention_head_dim=16, in_channels=4, out_channels=4, time_embed_dim=32,
     text_embed_dim=24, num_layers=2, sample_width=8, sample_height=8, sample_frames=5, patch_size=2,
@@ -35,7 +37,6 @@ def tiny_rotary_tables() -> tuple[torch.Tensor, torch.Tensor]:
                                    TINY_LATENT[0])
 
 
-@torch.no_grad()
 def sample_tiny_cogvideox(model: Callable[..., Any], seeds: tuple[int, ...] = (0, 1), num_steps: int = 4,
                           guidance: float = 5.0, rotary: bool = False) -> torch.Tensor:
     """Guided DDIM (v-prediction) sampling as CogVideoX's pipeline calls the transformer: keyword
@@ -43,19 +44,14 @@ def sample_tiny_cogvideox(model: Callable[..., Any], seeds: tuple[int, ...] = (0
     from diffusers import CogVideoXDDIMScheduler
 
     scheduler = CogVideoXDDIMScheduler(prediction_type="v_prediction", timestep_spacing="trailing")
+    extra = {"image_rotary_emb": tiny_rotary_tables()} if rotary else {}
     outputs = []
     for seed in seeds:
         generator = torch.Generator().manual_seed(seed)
         latents = torch.randn(1, *TINY_LATENT, generator=generator)
-        text = torch.cat([torch.zeros(1, *TINY_TEXT), torch.randn(1, *TINY_TEXT, generator=generator)])
-        scheduler.set_timesteps(num_steps)
-        for t in scheduler.timesteps:
-            kwargs = {"image_rotary_emb": tiny_rotary_tables()} if rotary else {}
-            out = model(hidden_states=torch.cat([latents, latents]), encoder_hidden_states=text,
-                        timestep=t.expand(2), return_dict=False, **kwargs)[0]
-            uncond, cond = out.chunk(2)
-            latents = scheduler.step(uncond + guidance * (cond - uncond), t, latents).prev_sample
-        outputs.append(latents)
+        text = torch.randn(1, *TINY_TEXT, generator=generator)
+        outputs.append(guided_ddim_sample(model, latents, text, torch.zeros_like(text), scheduler, num_steps, guidance,
+                                          extra))
     return torch.cat(outputs)
 
 

@@ -118,7 +118,7 @@ def calibrate_recipe(recipe: RecipeConfig, model: nn.Module | None = None,
     if device is not None:
         model = model.to(device)
     start = time.perf_counter()
-    calibration = record_recipe_calibration(model, recipe.calibration, recipe.progress)
+    calibration = record_recipe_calibration(model, recipe.calibration, recipe.progress, recipe.model.adapter)
     record_seconds = time.perf_counter() - start
     log.info("recorded %d calls over %d steps in %.1f s (%.1f MB on CPU)", len(calibration.calls),
              len(calibration.timesteps), record_seconds, calibration.nbytes() / 2**20)

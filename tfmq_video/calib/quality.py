@@ -38,9 +38,10 @@ from eval_video.fidelity import psnr
 from eval_video.frechet import frechet_distance_features
 from tfmq_video.calib.api import quantize
 from tfmq_video.calib.baselines import METHODS, method_recipe
-from tfmq_video.calib.recorder import CalibrationSet, record_toy_calibration
+from tfmq_video.calib.recorder import CalibrationSet
 from tfmq_video.devices import model_device
 from tfmq_video.quant.config import RecipeConfig
+from tfmq_video.toy.families import ToyFamily, toy_family
 
 DEFAULT_SETTINGS: tuple[tuple[int, int], ...] = ((8, 8), (4, 8), (4, 6))
 ROW_KEYS = ("method", "wbits", "abits", "fvd", "fvd_fp", "psnr_fp", "temporal_feature_error", "calib_seconds",
@@ -60,19 +61,22 @@ class QualityPlan:
     seed: int = 0
     base: RecipeConfig = field(default_factory=RecipeConfig)
     calib_seeds: tuple[int, ...] | None = None  # None: the base recipe's seed only
-    model_path: str | None = None  # an STDiT3 folder; None: the bundled toy model
+    model_path: str | None = None  # a model folder of ``family``; None: the bundled toy model
     fp_cache: str | None = None  # a folder keeping the FP videos between runs; None: regenerate
     fp_reseeds: int = 1  # FP runs with other seeds (rows ``fp-reseed``): the noise floor
     device: str = "cpu"  # where the models sample and calibrate; scoring runs on CPU
+    family: str = "stdit3"  # which toy model family (tfmq_video.toy.families)
 
 
 class ToyEvaluator:
-    """Generates the evaluation videos of a model and scores them against FP and real clips."""
+    """Generates the evaluation videos of a model of ``family`` (default: the toy STDiT3) and
+    scores them against FP and real clips."""
 
-    def __init__(self, num_videos: int, seed: int) -> None:
+    def __init__(self, num_videos: int, seed: int, family: ToyFamily | None = None) -> None:
         from tfmq_video.toy.data import all_captions, clips_to_tensor, make_clips
         from tfmq_video.toy.world import load_toy_classifier
 
+        self.family = family or toy_family("stdit3")
         captions = [c.text for c in all_captions()]
         self.captions = [captions[(seed + i * 7) % len(captions)] for i in range(num_videos)]
         self.seeds = [seed * 1000 + i for i in range(num_videos)]
@@ -80,11 +84,9 @@ class ToyEvaluator:
         real, _ = make_clips(seed + 1, num_videos)
         self.real_features = self.features(clips_to_tensor(real))
 
-    def generate(self, model: torch.nn.Module, null_caption: torch.Tensor, reseed: int = 0) -> torch.Tensor:
+    def generate(self, model: torch.nn.Module, reseed: int = 0) -> torch.Tensor:
         """Latents (N, 3, T, H, W) for the evaluation captions (the ``reseed``-th other seed set when > 0)."""
-        from tfmq_video.toy.world import generate_latents
-
-        return generate_latents(model, null_caption, self.captions, self.seeds_for(reseed))
+        return self.family.generate(model, self.captions, self.seeds_for(reseed))
 
     def seeds_for(self, reseed: int) -> list[int]:
         """The evaluation seeds (``reseed`` 0), or the ``reseed``-th set of other seeds."""
@@ -92,20 +94,19 @@ class ToyEvaluator:
             raise ValueError(f"reseed must be >= 0, got {reseed}")
         return [s + int(reseed) * RESEED_OFFSET for s in self.seeds]
 
-    def generate_fp(self, model: torch.nn.Module, null_caption: torch.Tensor, reseed: int,
-                    cache: str | None) -> torch.Tensor:
+    def generate_fp(self, model: torch.nn.Module, reseed: int, cache: str | None) -> torch.Tensor:
         """:meth:`generate` for the FP model, read from / written to the folder ``cache`` when given.
 
         The file name is a hash of the model's weights, the captions, the seeds and the sampler
         settings, so a changed model or plan never reads stale videos.
         """
         if cache is None:
-            return self.generate(model, null_caption, reseed)
+            return self.generate(model, reseed)
         path = Path(cache) / f"fp_{self.cache_key(model, reseed)}.safetensors"
         if path.is_file():
             log.info("FP videos from %s", path)
             return load_file(str(path))["latents"]
-        latents = self.generate(model, null_caption, reseed)
+        latents = self.generate(model, reseed)
         with atomic_path(path) as tmp:
             save_file({"latents": latents.contiguous()}, str(tmp))
         log.info("FP videos saved to %s", path)
@@ -115,10 +116,10 @@ class ToyEvaluator:
         """Hex digest naming the FP videos of ``model`` for this evaluator (and the device type they
         are sampled on: other devices round differently)."""
         from tfmq_video.calib.checkpoint import model_fingerprint
-        from tfmq_video.toy.world import TOY_SAMPLER_CONFIG, VIDEO_SHAPE
+        from tfmq_video.toy.world import VIDEO_SHAPE
 
         plan = json.dumps({"model": model_fingerprint(model), "captions": self.captions,
-                           "seeds": self.seeds_for(reseed), "sampler": repr(TOY_SAMPLER_CONFIG),
+                           "seeds": self.seeds_for(reseed), "sampler": self.family.sampler,
                            "shape": VIDEO_SHAPE, "device": model_device(model).type})
         return hashlib.sha256(plan.encode()).hexdigest()[:24]
 
@@ -162,23 +163,20 @@ def _row(method: str, wbits: int, abits: int, scores: dict[str, Any], **extra: A
 
 def quality_table(plan: QualityPlan, progress: bool = False) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """Rows of the quality table and per-step temporal-feature errors per (method, setting)."""
-    from tfmq_video.toy.world import load_toy_stdit3
-
-    model = load_toy_stdit3(plan.model_path).to(plan.device)
-    null = model.y_embedder.y_embedding
-    evaluator = ToyEvaluator(plan.num_videos, plan.seed)
-    fp = evaluator.generate_fp(model, null, False, plan.fp_cache)
+    family = toy_family(plan.family)
+    model = family.load(plan.model_path).to(plan.device)
+    evaluator = ToyEvaluator(plan.num_videos, plan.seed, family)
+    fp = evaluator.generate_fp(model, 0, plan.fp_cache)
     fp_features = evaluator.features(fp)
     if plan.fp_reseeds < 1:
         raise ValueError(f"fp_reseeds must be >= 1, got {plan.fp_reseeds}")
     rows = [_row("fp", 32, 32, evaluator.score(fp, fp, fp_features), psnr_fp=None)]
     for reseed in range(1, plan.fp_reseeds + 1):
-        reseeded = evaluator.generate_fp(model, null, reseed, plan.fp_cache)
+        reseeded = evaluator.generate_fp(model, reseed, plan.fp_cache)
         rows.append(_row("fp-reseed", 32, 32, evaluator.score(reseeded, fp, fp_features), reseed=reseed))
     cal = plan.base.calibration
     start = time.perf_counter()
-    calibration: CalibrationSet = record_toy_calibration(model, cal.num_prompts, cal.seed, cal.steps, cal.batch_size,
-                                                         progress)
+    calibration: CalibrationSet = family.record(model, cal.num_prompts, cal.seed, cal.steps, cal.batch_size, progress)
     record_seconds = time.perf_counter() - start
     curves: dict[str, Any] = {"timesteps": calibration.timesteps}
     seeds = plan.calib_seeds or (plan.base.seed,)
@@ -186,8 +184,8 @@ def quality_table(plan: QualityPlan, progress: bool = False) -> tuple[list[dict[
         for method in plan.methods:
             for calib_seed in seeds:
                 recipe = method_recipe(method, wbits, abits, plan.base.model_copy(update={"seed": calib_seed}))
-                qmodel = quantize(model, "opensora-stdit3", calibration, recipe)
-                latents = evaluator.generate(qmodel, null)
+                qmodel = quantize(model, family.adapter, calibration, recipe)
+                latents = evaluator.generate(qmodel)
                 temporal = qmodel.report["temporal"]
                 rows.append(_row(
                     method, wbits, abits, evaluator.score(latents, fp, fp_features),
@@ -204,6 +202,7 @@ def quality_table(plan: QualityPlan, progress: bool = False) -> tuple[list[dict[
     for row in rows:
         row["num_videos"] = plan.num_videos
         row["device"] = model_device(model).type
+        row["family"] = family.name
     return rows, curves
 
 
@@ -305,7 +304,7 @@ def plot_curves(curves: dict[str, Any], path: str) -> None:
     if exact:
         ax.set_title("zero error (TIB kept FP): " + ", ".join(exact), fontsize=8)
     ax.set_xlabel("timestep")
-    ax.set_ylabel("temporal feature error (relative, mean over t and t_mlp)")
+    ax.set_ylabel("temporal feature error (relative, mean over the temporal features)")
     ax.set_yscale("log")
     ax.invert_xaxis()
     ax.legend(fontsize=7, ncol=2)

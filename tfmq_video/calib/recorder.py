@@ -208,23 +208,31 @@ def record_calibration(
     return recorder.calibration_set()
 
 
-def record_toy_calibration(
-    model: torch.nn.Module, num_prompts: int, seed: int = 0, steps: Sequence[int] | None = None,
-    batch_size: int = 8, progress: bool = False,
-) -> CalibrationSet:
-    """Calibration set of the toy world: ``num_prompts`` training captions, one FP sampling pass."""
-    from tfmq_video.toy.data import FRAME_SIZE, NUM_FRAMES, train_captions
-    from tfmq_video.toy.world import TOY_SAMPLER_CONFIG, VIDEO_SHAPE, model_kwargs, toy_text_encoder
+def toy_calibration_captions(num_prompts: int, seed: int, sampler_steps: int, steps: Sequence[int] | None
+                             ) -> list[str]:
+    """``num_prompts`` training captions of the toy world drawn by ``seed`` (every caption, then
+    repeats, when more are asked for than exist); checks ``steps`` against ``sampler_steps``."""
+    from tfmq_video.toy.data import train_captions
 
     captions = [c.text for c in train_captions()]
     generator = torch.Generator().manual_seed(seed)
     chosen = [captions[int(i)] for i in torch.randperm(len(captions), generator=generator)[:num_prompts]]
     if num_prompts > len(captions):
         chosen = [captions[i % len(captions)] for i in range(num_prompts)]
-    if steps is not None and max(steps) >= TOY_SAMPLER_CONFIG.num_steps:
-        raise ConfigError(
-            f"calibration steps {sorted(steps)} exceed the toy sampler's {TOY_SAMPLER_CONFIG.num_steps} steps"
-        )
+    if steps is not None and max(steps) >= sampler_steps:
+        raise ConfigError(f"calibration steps {sorted(steps)} exceed the toy sampler's {sampler_steps} steps")
+    return chosen
+
+
+def record_toy_calibration(
+    model: torch.nn.Module, num_prompts: int, seed: int = 0, steps: Sequence[int] | None = None,
+    batch_size: int = 8, progress: bool = False,
+) -> CalibrationSet:
+    """Calibration set of the toy world: ``num_prompts`` training captions, one FP sampling pass."""
+    from tfmq_video.toy.data import FRAME_SIZE, NUM_FRAMES
+    from tfmq_video.toy.world import TOY_SAMPLER_CONFIG, VIDEO_SHAPE, model_kwargs, toy_text_encoder
+
+    chosen = toy_calibration_captions(num_prompts, seed, TOY_SAMPLER_CONFIG.num_steps, steps)
     y, mask = toy_text_encoder().encode(chosen)
     return record_calibration(
         model, y, mask, model.y_embedder.y_embedding, VIDEO_SHAPE, model_kwargs, calibration_seeds(seed, len(chosen)),
@@ -233,13 +241,21 @@ def record_toy_calibration(
     )
 
 
-def record_recipe_calibration(model: torch.nn.Module, calibration: CalibrationConfig, progress: bool = False
-                              ) -> CalibrationSet:
-    """The calibration set a recipe's ``calibration`` section asks for: the toy prompts, or a
-    prompts file encoded by its text encoder (:func:`tfmq_video.calib.prompts.record_prompt_calibration`)."""
+def record_recipe_calibration(model: torch.nn.Module, calibration: CalibrationConfig, progress: bool = False,
+                              adapter: str = "opensora-stdit3") -> CalibrationSet:
+    """The calibration set a recipe's ``calibration`` section asks for: the toy prompts sampled by
+    the toy world's loop of ``adapter``'s family, or (STDiT3 only) a prompts file encoded by its
+    text encoder (:func:`tfmq_video.calib.prompts.record_prompt_calibration`)."""
     cal = calibration
     if cal.prompts_file is None:
-        return record_toy_calibration(model, cal.num_prompts, cal.seed, cal.steps, cal.batch_size, progress)
+        from tfmq_video.toy.families import toy_family_of_adapter
+
+        return toy_family_of_adapter(adapter).record(model, cal.num_prompts, cal.seed, cal.steps, cal.batch_size,
+                                                     progress)
+    if adapter != "opensora-stdit3":
+        raise ConfigError(f"calibration.prompts_file is encoded with Open-Sora's T5 for STDiT3 only, not for "
+                          f"{adapter!r}: record a {adapter} pipeline's own calls with "
+                          "tfmq_video.calib.recorder.record_calls (docs/calibration.md)")
     from tfmq_video.calib.prompts import record_prompt_calibration
 
     return record_prompt_calibration(model, cal, progress)

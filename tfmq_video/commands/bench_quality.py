@@ -1,4 +1,4 @@
-"""``tfmq-video bench quality --json FILE``: the quality table on the toy world.
+"""``tfmq-video bench quality --json FILE [--family cogvideox]``: the quality table on the toy world.
 
 FP, ``fp-reseed`` (noise floor) and every method of :mod:`tfmq_video.calib.baselines` at each
 (wbits, abits) setting, with fixed seeds; prints a markdown table, writes the rows as JSON and
@@ -15,6 +15,7 @@ import torch
 
 from tfmq_video.devices import describe_device, full_float32, pick_device
 from tfmq_video.errors import ConfigError
+from tfmq_video.toy.families import TOY_FAMILY_NAMES
 
 
 def _setting(text: str) -> tuple[int, int]:
@@ -42,7 +43,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "are not comparable (other rounding, other FP videos)")
     parser.add_argument("--calib-seeds", nargs="+", type=int, default=None,
                         help="calibrate every method once per recipe seed and report mean ± std (calibration noise)")
-    parser.add_argument("--model", type=Path, default=None, help="STDiT3 folder (default: the bundled toy model)")
+    parser.add_argument("--family", choices=TOY_FAMILY_NAMES, default="stdit3",
+                        help="which toy model family: stdit3 (default; one shared t_block) or cogvideox (adaLN linears "
+                             "in every block)")
+    parser.add_argument("--model", type=Path, default=None,
+                        help="a model folder of --family (default: the bundled toy model of that family)")
     parser.add_argument("--fp-cache", type=Path, default=None,
                         help="folder keeping the FP and re-seeded FP videos between runs (keyed by a hash of the "
                              "model, captions, seeds and sampler); default: generate them every run")
@@ -83,16 +88,17 @@ def run(args: argparse.Namespace) -> int:
     if args.calib_seeds is not None and len(set(args.calib_seeds)) != len(args.calib_seeds):
         raise ConfigError(f"--calib-seeds repeats a seed: {args.calib_seeds}")
     if args.model is not None and not (args.model / "config.json").is_file():
-        raise ConfigError(f"--model {args.model}: not an STDiT3 folder (no config.json)")
+        raise ConfigError(f"--model {args.model}: not a {args.family} model folder (no config.json)")
     plan = QualityPlan(methods, tuple(args.settings or DEFAULT_SETTINGS), args.num_videos, args.seed,
                        base.model_copy(update={"progress": False}),
                        None if args.calib_seeds is None else tuple(args.calib_seeds),
                        None if args.model is None else str(args.model),
-                       None if args.fp_cache is None else str(args.fp_cache), args.fp_reseeds, str(device))
+                       None if args.fp_cache is None else str(args.fp_cache), args.fp_reseeds, str(device),
+                       args.family)
     rows, curves = quality_table(plan)
     print(markdown_table(rows))
     record: dict = {"rows": rows, "temporal_feature_error_per_step": curves, "fp_noise_floor": fp_noise_floor(rows),
-                    "device": describe_device(device)}
+                    "device": describe_device(device), "family": args.family}
     floor = record["fp_noise_floor"]
     print(f"\nFP noise floor over {floor['seed_sets']} seed sets: fvd {floor['fvd']:.4g} ± {floor['fvd_std']:.2g}, "
           f"re-seeded fvd_fp {floor['fvd_fp']:.4g} ± {floor['fvd_fp_std']:.2g}")

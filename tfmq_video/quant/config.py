@@ -282,6 +282,14 @@ class RecipeConfig(_Section):
     seed: int = 0
     progress: bool = True
 
+    @model_validator(mode="after")
+    def _prompt_files_for_stdit3(self) -> RecipeConfig:
+        if self.calibration.prompts_file is not None and self.model.adapter != "opensora-stdit3":
+            raise ValueError(f"calibration.prompts_file is encoded with Open-Sora's T5 for opensora-stdit3 only, not "
+                             f"for {self.model.adapter!r}: remove it to use the toy prompts, or record your "
+                             "pipeline's own calls with tfmq_video.calib.recorder.record_calls (docs/calibration.md)")
+        return self
+
     def cache_bits(self) -> int:
         """Bits of the temporal feature cache: ``tib.cache_bits``, else 8 whatever the activation bits.
 

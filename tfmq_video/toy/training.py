@@ -8,17 +8,26 @@ its last complete checkpoint.
 
 from __future__ import annotations
 
+import argparse
 import json
+import logging
 import os
+import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
+import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
+from tqdm.auto import tqdm
+
+from tfmq_video.devices import pick_device
+
+log = logging.getLogger(__name__)
 
 
 def _atomic_save_tensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
@@ -124,3 +133,100 @@ def prefetched(make_batch: Callable[[int], Batch], steps: range, workers: int = 
                 next_index += 1
             yield step, future.result()
 
+
+
+def add_training_arguments(parser: argparse.ArgumentParser, run_dir: str, steps: int, batch_size: int,
+                           ema_decay: float) -> None:
+    """The command-line options every toy training script shares (its defaults given)."""
+    parser.add_argument("--run-dir", type=Path, default=Path(run_dir))
+    parser.add_argument("--export", type=Path, default=None, help="write the EMA model folder here at the end")
+    parser.add_argument("--steps", type=int, default=steps)
+    parser.add_argument("--max-minutes", type=float, default=None, help="stop (and export) after this much time")
+    parser.add_argument("--batch-size", type=int, default=batch_size)
+    parser.add_argument("--lr", type=float, default=5e-4)
+    parser.add_argument("--warmup", type=int, default=200)
+    parser.add_argument("--ema-decay", type=float, default=ema_decay)
+    parser.add_argument("--checkpoint-every", type=int, default=100)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--no-bf16", action="store_true", help="train in float32 (slower on CPU)")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1 or auto (default: cpu)")
+    parser.add_argument("--init-from", type=Path, default=None,
+                        help="start from the weights of an exported model folder (a warm start; fresh optimizer)")
+    parser.add_argument("--data-workers", type=int, default=1, help="threads that build batches ahead")
+    parser.add_argument("--compile", action="store_true",
+                        help="torch.compile the model (about 20%% faster steps on CPU after a ~1.5 min compile)")
+
+
+def learning_rate(step: int, base: float, warmup: int, total: int) -> float:
+    """Linear warm-up, then cosine decay to 10% of ``base``."""
+    if step < warmup:
+        return base * (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return base * (0.1 + 0.9 * 0.5 * (1 + np.cos(np.pi * progress)))
+
+
+def run_training(model: nn.Module, args: argparse.Namespace, make_batch: Callable[[int], dict[str, torch.Tensor]],
+                 loss_of: Callable[[Callable[..., Any], dict[str, torch.Tensor]], torch.Tensor], name: str
+                 ) -> tuple[RunState, dict[str, torch.Tensor]]:
+    """Train ``model`` (AdamW, :func:`learning_rate`, gradient clipping at 1, EMA, bf16 autocast
+    unless ``args.no_bf16``) on ``make_batch(step)`` (built on the CPU, a deterministic function of
+    the step) with the loss ``loss_of(forward, batch)``; resumes from and checkpoints to
+    ``args.run_dir``. Returns the run and the EMA weights (on the CPU)."""
+    device = pick_device(args.device)
+    model.to(device)
+    ema = EMA(model, args.ema_decay)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.99), weight_decay=0.0)
+    run = load_run(args.run_dir, model, ema, optimizer) or RunState()
+    if run.step:
+        log.info("resumed %s at step %d (%.0f s trained)", args.run_dir, run.step, run.seconds)
+    model.train()
+    forward = torch.compile(model) if args.compile else model
+    started = time.time()
+    seconds_before = run.seconds
+    progress = tqdm(total=args.steps, initial=run.step, desc=f"train {name} ({device})")
+    batches = prefetched(make_batch, range(run.step, args.steps), workers=args.data_workers)
+    for step, cpu_batch in batches:
+        if args.max_minutes is not None and (time.time() - started) / 60 > args.max_minutes:
+            log.info("time budget of %.1f min reached at step %d", args.max_minutes, step)
+            break
+        batch = {k: v.to(device, non_blocking=True) for k, v in cpu_batch.items()}
+        for group in optimizer.param_groups:
+            group["lr"] = learning_rate(step, args.lr, args.warmup, args.steps)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=not args.no_bf16):
+            loss = loss_of(forward, batch)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        run.step = step + 1
+        ema.update(model, run.step)
+        run.losses.append((run.step, loss.item()))
+        progress.update(1)
+        progress.set_postfix(loss=f"{run.losses[-1][1]:.4f}")
+        if run.step % args.checkpoint_every == 0 or run.step == args.steps:
+            run.seconds = seconds_before + time.time() - started
+            save_run(args.run_dir, model, ema, optimizer, run)
+    batches.close()
+    run.seconds = seconds_before + time.time() - started
+    save_run(args.run_dir, model, ema, optimizer, run)
+    progress.close()
+    return run, {k: v.cpu() for k, v in ema.shadow.items()}
+
+
+def training_record(args: argparse.Namespace, run: RunState, tool: str) -> dict[str, Any]:
+    """What an exported model's ``training.json`` says about its run (settings, time, final loss,
+    the command that reproduces it, and the warm start's own record when there was one)."""
+    device = pick_device(args.device)
+    recent = [loss for _, loss in run.losses[-200:]]
+    record: dict[str, Any] = {
+        "steps": run.step, "batch_size": args.batch_size, "lr": args.lr, "ema_decay": args.ema_decay,
+        "train_seconds": round(run.seconds, 1), "final_loss_mean_last_200": float(np.mean(recent)) if recent else None,
+        "seed": args.seed, "device": str(device),
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "command": f"python tools/{tool}.py " + " ".join(
+            f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if v not in (None, False)),
+    }
+    lineage = None if args.init_from is None else args.init_from / "training.json"
+    if lineage is not None and lineage.is_file():
+        record["initialized_from"] = json.loads(lineage.read_text())  # how the warm-start weights were made
+    return record
