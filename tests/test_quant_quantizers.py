@@ -43,6 +43,23 @@ def test_asymmetric_zero_point_makes_zero_exact() -> None:
     assert float(fake_quantize(torch.tensor(0.0), scale, zero, grid)) == 0.0
 
 
+@pytest.mark.parametrize("signed", [True, False])
+def test_evaluation_fake_quant_is_bitwise_the_straight_through_one(signed: bool) -> None:
+    grid = IntRange(8 if signed else 4, signed)
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(64, 96, generator=generator) * 3
+    x[0, :16] = torch.arange(16) * 0.5 - 4  # exact ties at scale 0.5
+    scale = torch.rand(64, 1, generator=generator) * 0.05 + 0.01
+    scale[0] = 0.5
+    zero = torch.zeros(64, 1) if signed else torch.randint(0, 16, (64, 1)).float()
+    with torch.no_grad():
+        evaluated = fake_quantize(x, scale, zero, grid)
+    with torch.enable_grad():
+        traced = fake_quantize(x.clone().requires_grad_(), scale, zero, grid)
+    assert torch.equal(evaluated, traced.detach())
+    assert not torch.equal(evaluated, x) and evaluated.data_ptr() != x.data_ptr()
+
+
 def test_ste_gradient_passes_inside_range_and_stops_outside() -> None:
     grid = IntRange(4, signed=True)
     x = torch.tensor([0.33, -0.12, 5.0, -5.0], requires_grad=True)

@@ -107,3 +107,32 @@ def test_toy_prompts_need_a_family_with_a_toy_model_and_prompt_files_are_stdit3_
                                "text_encoder": {"kind": "t5", "path": str(tmp_path / "t5")}})
     with pytest.raises(ConfigError, match="prompts_file is encoded with Open-Sora's T5 for opensora-stdit3 only"):
         parse_config(raw, "(test)")
+
+
+def test_calibrate_command_runs_the_bundled_toy_cogvideox(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    from tfmq_video.calib.checkpoint import load_calibrated
+    from tfmq_video.cli import main
+    from tfmq_video.toy.cogvideox_world import caption_embeddings, load_toy_cogvideox
+
+    config = tmp_path / "cog.yaml"
+    config.write_text(
+        "model: {adapter: cogvideox, path: toy}\n"
+        "calibration: {num_prompts: 1, steps: [0, 10, 19], batch_size: 1}\n"
+        "tib: {iterations: 20}\n"
+        "reconstruction: {iterations: 3, batch_size: 2}\n"
+    )
+    assert main(["calibrate", str(config), "--out", str(tmp_path / "ckpt"), "--no-progress"]) == 0
+    assert '"quantized_weight_fraction"' in capsys.readouterr().out
+    qmodel = load_calibrated(tmp_path / "ckpt")
+    assert qmodel.adapter.name == "cogvideox" and len(qmodel.context) == 3
+    fp = load_toy_cogvideox()
+    inputs = dict(hidden_states=torch.randn(1, 8, 3, 32, 32), encoder_hidden_states=caption_embeddings(["a red square"]),
+                  timestep=qmodel.context.timesteps[1:2].long(), return_dict=False)
+    with torch.no_grad():
+        quantized, reference = qmodel(**inputs)[0], fp(**inputs)[0]
+    error = float((quantized - reference).norm() / reference.norm())
+    assert 0 < error < 0.5
+    assert main(["calibrate", str(config), "--out", str(tmp_path / "again"), "--no-progress",
+                 "--export", str(tmp_path / "packed")]) == 2
+    assert "integer runtime" in capsys.readouterr().err  # refused before any work: nothing written
+    assert not (tmp_path / "packed").exists() and not (tmp_path / "again").exists()

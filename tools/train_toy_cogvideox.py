@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from dit_adapters.cogvideox.sampling import cogvideox_scheduler
-from eval_video._files import write_text_atomic
+from eval_video._files import give_default_modes, write_text_atomic
 from tfmq_video.toy.cogvideox_world import (
     TOY_COGVIDEOX_CONFIG,
     build_toy_cogvideox,
@@ -62,6 +62,7 @@ def save_transformer(model: nn.Module, folder: Path) -> None:
     tmp = folder.with_name(folder.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(str(tmp), safe_serialization=True)
+    give_default_modes(tmp)  # safetensors writes owner-only files
     if folder.exists():
         shutil.rmtree(folder)
     os.replace(tmp, folder)

@@ -37,6 +37,10 @@ def run(args: argparse.Namespace) -> int:
     from tfmq_video.quant.config import load_config
 
     recipe = load_config(args.config)  # validate before any work
+    if args.export is not None:
+        from tfmq_video.export.calibrated import check_exportable
+
+        check_exportable(recipe.model.adapter)
     device = pick_device(args.device)
     full_float32(device)
     if args.no_progress:

@@ -31,6 +31,13 @@ log = logging.getLogger(__name__)
 EXPORTABLE_ADAPTERS = ("opensora-stdit3",)
 
 
+def check_exportable(adapter: str) -> None:
+    """Raise a clear error for a family the integer runtime cannot run."""
+    if adapter not in EXPORTABLE_ADAPTERS:
+        raise ConfigError(f"export to the integer runtime supports {list(EXPORTABLE_ADAPTERS)}, not {adapter!r}; run "
+                          "the calibrated model as it is (fake-quant), or save it with save_calibrated")
+
+
 def plain_model(qmodel: QuantizedModel) -> nn.Module:
     """A fresh FP model of the calibrated model's family and config, holding its FP weights."""
     adapter = qmodel.adapter
@@ -50,10 +57,7 @@ def runtime_cache(served: dict) -> TemporalFeatureCache | None:
 
 def export_calibrated(qmodel: QuantizedModel, folder: str | os.PathLike) -> Path:
     """Write ``qmodel`` as a packed integer checkpoint into ``folder`` (atomically); returns it."""
-    if qmodel.adapter.name not in EXPORTABLE_ADAPTERS:
-        raise ConfigError(f"export to the integer runtime supports {list(EXPORTABLE_ADAPTERS)}, not "
-                          f"{qmodel.adapter.name!r}; run the calibrated model as it is (fake-quant), or save it "
-                          "with save_calibrated")
+    check_exportable(qmodel.adapter.name)
     records, served = to_records(qmodel)
     if qmodel.recipe is not None and qmodel.recipe.quant.quantize_attention:
         log.info("attention-matmul quantizers are not exported (format v1); the runtime picks its own attention")

@@ -68,9 +68,22 @@ def fake_quantize(
     x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | float, grid: IntRange
 ) -> torch.Tensor:
     """Quantize then dequantize; gradients pass straight through the rounding (LSQ-compatible:
-    gradients also reach ``scale`` and ``zero_point`` when they require grad)."""
+    gradients also reach ``scale`` and ``zero_point`` when they require grad).
+
+    Without a gradient to carry, the same operations run in place on one buffer: the values are
+    bitwise those of the straight-through path (``(round(v) - v) + v`` is exactly ``round(v)``
+    in floating point), at a fraction of the memory traffic of evaluation runs.
+    """
+    if not _needs_grad(x, scale, zero_point):
+        q = torch.div(x, scale)
+        q.round_().add_(zero_point).clamp_(grid.qmin, grid.qmax).sub_(zero_point).mul_(scale)
+        return q
     q = torch.clamp(round_ste(x / scale) + zero_point, grid.qmin, grid.qmax)
     return (q - zero_point) * scale
+
+
+def _needs_grad(*values: torch.Tensor | float) -> bool:
+    return torch.is_grad_enabled() and any(torch.is_tensor(v) and v.requires_grad for v in values)
 
 
 def minmax_qparams(

@@ -223,10 +223,15 @@ def training_record(args: argparse.Namespace, run: RunState, tool: str) -> dict[
         "train_seconds": round(run.seconds, 1), "final_loss_mean_last_200": float(np.mean(recent)) if recent else None,
         "seed": args.seed, "device": str(device),
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-        "command": f"python tools/{tool}.py " + " ".join(
-            f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if v not in (None, False)),
+        "command": f"python tools/{tool}.py " + " ".join(_option(k, v) for k, v in vars(args).items()
+                                                          if v is not None and v is not False),
     }
     lineage = None if args.init_from is None else args.init_from / "training.json"
     if lineage is not None and lineage.is_file():
         record["initialized_from"] = json.loads(lineage.read_text())  # how the warm-start weights were made
     return record
+
+
+def _option(name: str, value: Any) -> str:
+    flag = "--" + name.replace("_", "-")
+    return flag if value is True else f"{flag} {value}"
