@@ -58,12 +58,14 @@ def only_tib_quantized(recipe: RecipeConfig, model: torch.nn.Module, adapter: Di
     return parse_config(raw, f"(only the TIB of {recipe.name} quantized)")
 
 
-def video_scores(qmodel: torch.nn.Module, model: torch.nn.Module, count: int, fp_cache: Path | None
-                 ) -> dict[str, float]:
-    """psnr_fp, feature_error_fp and fvd_fp of ``qmodel``'s first ``count`` evaluation videos."""
+def video_scores(qmodel: torch.nn.Module, model: torch.nn.Module, count: int, fp_cache: Path | None,
+                 adapter: str = "opensora-stdit3") -> dict[str, float]:
+    """psnr_fp, feature_error_fp and fvd_fp of ``qmodel``'s first ``count`` evaluation videos (the
+    toy model of ``adapter``'s family)."""
     from tfmq_video.calib.quality import ToyEvaluator
+    from tfmq_video.toy.families import toy_family_of_adapter
 
-    evaluator = ToyEvaluator(count, seed=0)
+    evaluator = ToyEvaluator(count, seed=0, family=toy_family_of_adapter(adapter))
     fp = evaluator.generate_fp(model, 0, None if fp_cache is None else str(fp_cache))
     scores = evaluator.score(evaluator.generate(qmodel), fp, evaluator.features(fp))
     return {key: scores[key] for key in ("psnr_fp", "feature_error_fp", "fvd_fp")}
@@ -108,7 +110,7 @@ def main() -> None:
     abits = args.abits or base.quant.activation.bits
     adapter = get_adapter(base.model.adapter)
     model = adapter.load_model(base.model.path)
-    calibration = record_recipe_calibration(model, base.calibration, base.progress)
+    calibration = record_recipe_calibration(model, base.calibration, base.progress, base.model.adapter)
     reports: dict[str, Any] = {}
     print(f"W{wbits}A{abits}: mean relative error of each temporal feature over {len(calibration.timesteps)} steps")
     for method in args.methods:
@@ -122,7 +124,7 @@ def main() -> None:
         reports[method] = {"seconds": seconds, "cache_bits": recipe.cache_bits(), **temporal}
         print(f"\n{method} ({seconds:.0f} s), temporal_feature_error {temporal['temporal_feature_error']:.3g}")
         if args.videos is not None:
-            reports[method]["videos"] = video_scores(qmodel, model, args.videos, args.fp_cache)
+            reports[method]["videos"] = video_scores(qmodel, model, args.videos, args.fp_cache, base.model.adapter)
             print("  videos (only the TIB quantized): " + ", ".join(
                 f"{key} {value:.4g}" for key, value in reports[method]["videos"].items()))
         for strategy, errors in summarize(temporal).items():

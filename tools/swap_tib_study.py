@@ -49,6 +49,7 @@ from tfmq_video.calib.recorder import CalibrationSet, record_recipe_calibration
 from tfmq_video.calib.tib import TemporalInformationBlock, feature_errors, graft_tib, mean_error
 from tfmq_video.quant.config import RecipeConfig, load_config
 from tfmq_video.quant.model import QuantizedModel
+from tfmq_video.toy.families import toy_family_of_adapter
 
 SCORES = ("fvd_fp", "fvd_fp_mean_term", "psnr_fp", "feature_error_fp", "fvd")
 log = logging.getLogger("swap_tib_study")
@@ -203,9 +204,9 @@ def main() -> None:
     base = load_config(args.config).model_copy(update={"progress": False})
     adapter = get_adapter(base.model.adapter)
     model = adapter.load_model(base.model.path)
-    calibration = record_recipe_calibration(model, base.calibration, False)
+    calibration = record_recipe_calibration(model, base.calibration, False, base.model.adapter)
     tib = TemporalInformationBlock.from_calibration(adapter, calibration)
-    evaluator = ToyEvaluator(args.videos, seed=0)
+    evaluator = ToyEvaluator(args.videos, seed=0, family=toy_family_of_adapter(base.model.adapter))
     fp = evaluator.generate_fp(model, 0, None if args.fp_cache is None else str(args.fp_cache))
     donors = tib_donors(model, calibration, base, args.tib, args.blocks_method)
     rows: list[dict[str, Any]] = []

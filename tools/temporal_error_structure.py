@@ -62,7 +62,7 @@ def main() -> None:
     adapter = get_adapter(base.model.adapter)
     model = adapter.load_model(base.model.path)
     recipe = only_tib_quantized(tib_only(method_recipe(args.method, args.wbits, args.abits, base), {}), model, adapter)
-    calibration = record_recipe_calibration(model, recipe.calibration, recipe.progress)
+    calibration = record_recipe_calibration(model, recipe.calibration, recipe.progress, recipe.model.adapter)
     qmodel = tfmq_video.quantize(model, adapter, calibration, recipe)
     tib = TemporalInformationBlock.from_calibration(adapter, calibration)
     fp = tib.fp_features(model)

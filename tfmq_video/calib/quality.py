@@ -304,7 +304,7 @@ def plot_curves(curves: dict[str, Any], path: str) -> None:
     if exact:
         ax.set_title("zero error (TIB kept FP): " + ", ".join(exact), fontsize=8)
     ax.set_xlabel("timestep")
-    ax.set_ylabel("temporal feature error (relative, mean over the temporal features)")
+    ax.set_ylabel("temporal feature error (relative, feature mean)")
     ax.set_yscale("log")
     ax.invert_xaxis()
     ax.legend(fontsize=7, ncol=2)

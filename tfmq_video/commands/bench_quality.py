@@ -35,7 +35,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="bit settings, e.g. W8A8 W4A8 W4A6 (default)")
     parser.add_argument("--num-videos", type=int, default=32, help="videos per method (default 32)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--config", type=Path, default=None, help="base recipe YAML (default: built-in toy recipe)")
+    parser.add_argument("--config", type=Path, default=None,
+                        help="base recipe YAML (default: built-in toy recipe); its model section is not used: "
+                             "--family and --model choose the model")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     parser.add_argument("--device", default="cpu",
                         help="where models sample and calibrate: cpu (default), cuda, cuda:N or auto; on CUDA, TF32 "
