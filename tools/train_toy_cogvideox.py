@@ -29,8 +29,7 @@ from tfmq_video.toy.cogvideox_world import (
     load_toy_cogvideox,
     to_model_layout,
 )
-from tfmq_video.toy.data import clips_to_tensor, make_clips
-from tfmq_video.toy.training import add_training_arguments, run_training, training_record
+from tfmq_video.toy.training import add_training_arguments, clip_batch, run_training, training_record
 
 log = logging.getLogger("train_toy_cogvideox")
 
@@ -46,10 +45,9 @@ def parse_args() -> argparse.Namespace:
 def training_batch(step: int, seed: int, batch_size: int, caption_dropout: float = 0.1) -> dict[str, torch.Tensor]:
     """The batch of ``step`` (clips, caption embeddings, noise, integer timesteps), a deterministic
     function of (seed, step) built on the CPU; dropped captions become the zero (empty) prompt."""
-    clips, specs = make_clips(seed * 1_000_003 + step, batch_size)
-    x0 = to_model_layout(clips_to_tensor(clips)).contiguous()
-    text = caption_embeddings([s.caption.text for s in specs])
-    generator = torch.Generator().manual_seed(seed * 7919 + step)
+    videos, captions, generator = clip_batch(step, seed, batch_size)
+    x0 = to_model_layout(videos).contiguous()
+    text = caption_embeddings(captions)
     noise = torch.randn(x0.shape, generator=generator)
     t = torch.randint(0, cogvideox_scheduler().config.num_train_timesteps, (batch_size,), generator=generator)
     dropped = torch.rand(batch_size, generator=generator) < caption_dropout

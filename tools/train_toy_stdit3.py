@@ -19,8 +19,8 @@ from dit_adapters.opensora.loading import load_stdit3, save_stdit3
 from dit_adapters.opensora.rflow import RFlowSampler
 from dit_adapters.opensora.stdit3 import STDiT3
 from eval_video._files import write_text_atomic
-from tfmq_video.toy.data import FRAME_SIZE, NUM_FRAMES, clips_to_tensor, make_clips
-from tfmq_video.toy.training import add_training_arguments, run_training, training_record
+from tfmq_video.toy.data import FRAME_SIZE, NUM_FRAMES
+from tfmq_video.toy.training import add_training_arguments, clip_batch, run_training, training_record
 from tfmq_video.toy.world import TOY_SAMPLER_CONFIG, TOY_STDIT3_CONFIG, model_kwargs, toy_text_encoder
 
 log = logging.getLogger("train_toy_stdit3")
@@ -37,10 +37,8 @@ def parse_args() -> argparse.Namespace:
 def training_batch(step: int, seed: int, batch_size: int, t_location: float = 0.0) -> dict[str, torch.Tensor]:
     """The batch of ``step`` (clips, captions, noise, t): a deterministic function of (seed, step),
     built on the CPU, so resuming is exact and the data do not depend on the device."""
-    clips, specs = make_clips(seed * 1_000_003 + step, batch_size)
-    x0 = clips_to_tensor(clips)
-    y, mask = toy_text_encoder().encode([s.caption.text for s in specs])
-    generator = torch.Generator().manual_seed(seed * 7919 + step)
+    x0, captions, generator = clip_batch(step, seed, batch_size)
+    y, mask = toy_text_encoder().encode(captions)
     noise = torch.randn(x0.shape, generator=generator)
     t = RFlowSampler(TOY_SAMPLER_CONFIG).sample_training_t(len(x0), FRAME_SIZE, FRAME_SIZE, NUM_FRAMES, generator=generator,
                                                           logit_location=t_location)

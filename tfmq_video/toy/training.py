@@ -235,3 +235,13 @@ def training_record(args: argparse.Namespace, run: RunState, tool: str) -> dict[
 def _option(name: str, value: Any) -> str:
     flag = "--" + name.replace("_", "-")
     return flag if value is True else f"{flag} {value}"
+
+
+def clip_batch(step: int, seed: int, batch_size: int) -> tuple[torch.Tensor, list[str], torch.Generator]:
+    """The toy clips (B, 3, T, H, W) and captions of training step ``step`` and the generator that
+    draws the step's noise and timesteps: a deterministic function of (seed, step), so a resumed
+    run sees the same data."""
+    from tfmq_video.toy.data import clips_to_tensor, make_clips
+
+    clips, specs = make_clips(seed * 1_000_003 + step, batch_size)
+    return clips_to_tensor(clips), [s.caption.text for s in specs], torch.Generator().manual_seed(seed * 7919 + step)
