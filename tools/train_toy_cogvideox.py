@@ -13,15 +13,13 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
-import shutil
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from dit_adapters.cogvideox.sampling import cogvideox_scheduler
-from eval_video._files import give_default_modes, write_text_atomic
+from tfmq_video.checkpoint import atomic_folder
 from tfmq_video.toy.cogvideox_world import (
     TOY_COGVIDEOX_CONFIG,
     build_toy_cogvideox,
@@ -55,15 +53,14 @@ def training_batch(step: int, seed: int, batch_size: int, caption_dropout: float
     return {"x0": x0, "text": text, "noise": noise, "t": t}
 
 
-def save_transformer(model: nn.Module, folder: Path) -> None:
-    """Write a diffusers transformer folder (safetensors) to a temporary folder, then move it in place."""
-    tmp = folder.with_name(folder.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(str(tmp), safe_serialization=True)
-    give_default_modes(tmp)  # safetensors writes owner-only files
-    if folder.exists():
-        shutil.rmtree(folder)
-    os.replace(tmp, folder)
+def save_transformer(model: nn.Module, folder: Path, record: dict) -> None:
+    """Write a diffusers transformer folder (safetensors) with ``training.json``, atomically."""
+
+    def write(tmp: Path) -> None:
+        model.save_pretrained(str(tmp), safe_serialization=True)
+        (tmp / "training.json").write_text(json.dumps(record, indent=2) + "\n")
+
+    atomic_folder(folder, write)
 
 
 def train(args: argparse.Namespace) -> nn.Module:
@@ -85,10 +82,9 @@ def train(args: argparse.Namespace) -> nn.Module:
     final = build_toy_cogvideox(args.seed)
     final.load_state_dict(ema_weights, strict=True)
     if args.export is not None:
-        save_transformer(final, args.export)
         record = {**training_record(args, run, "train_toy_cogvideox"), "caption_dropout": args.caption_dropout,
                   "config": TOY_COGVIDEOX_CONFIG, "objective": "v-prediction, CogVideoX DDIM schedule (SNR shift 3)"}
-        write_text_atomic(args.export / "training.json", json.dumps(record, indent=2) + "\n")
+        save_transformer(final, args.export, record)
         log.info("exported EMA model to %s", args.export)
     return final
 
