@@ -136,3 +136,13 @@ def test_calibrate_command_runs_the_bundled_toy_cogvideox(tmp_path: Path, capsys
                  "--export", str(tmp_path / "packed")]) == 2
     assert "integer runtime" in capsys.readouterr().err  # refused before any work: nothing written
     assert not (tmp_path / "packed").exists() and not (tmp_path / "again").exists()
+
+
+def test_recording_from_a_prompts_file_is_refused_for_cogvideox(tmp_path: Path) -> None:
+    from tfmq_video.calib.recorder import record_recipe_calibration
+    from tfmq_video.quant.config import CalibrationConfig
+
+    calibration = CalibrationConfig(prompts_file=str(tmp_path / "prompts.txt"),
+                                    text_encoder={"kind": "t5", "path": str(tmp_path / "t5")})
+    with pytest.raises(ConfigError, match="for opensora-stdit3 only, not for 'cogvideox'"):
+        record_recipe_calibration(torch.nn.Linear(1, 1), calibration, adapter="cogvideox")

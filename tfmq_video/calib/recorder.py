@@ -252,10 +252,9 @@ def record_recipe_calibration(model: torch.nn.Module, calibration: CalibrationCo
 
         return toy_family_of_adapter(adapter).record(model, cal.num_prompts, cal.seed, cal.steps, cal.batch_size,
                                                      progress)
-    if adapter != "opensora-stdit3":
-        raise ConfigError(f"calibration.prompts_file is encoded with Open-Sora's T5 for STDiT3 only, not for "
-                          f"{adapter!r}: record a {adapter} pipeline's own calls with "
-                          "tfmq_video.calib.recorder.record_calls (docs/calibration.md)")
     from tfmq_video.calib.prompts import record_prompt_calibration
+    from tfmq_video.quant.config import check_prompt_file_adapter
+
+    check_prompt_file_adapter(adapter)
 
     return record_prompt_calibration(model, cal, progress)

@@ -270,6 +270,15 @@ class ModelConfig(_Section):
     path: str = "toy"
 
 
+def check_prompt_file_adapter(adapter: str, error: type[Exception] = ConfigError) -> None:
+    """Raise ``error`` unless ``adapter``'s models can be calibrated from a prompts file (encoded
+    with Open-Sora's T5: ``opensora-stdit3`` only)."""
+    if adapter != "opensora-stdit3":
+        raise error(f"calibration.prompts_file is encoded with Open-Sora's T5 for opensora-stdit3 only, not for "
+                    f"{adapter!r}: remove it to use the toy prompts, or record your pipeline's own calls with "
+                    "tfmq_video.calib.recorder.record_calls (docs/calibration.md)")
+
+
 class RecipeConfig(_Section):
     """A full calibration recipe."""
 
@@ -284,10 +293,8 @@ class RecipeConfig(_Section):
 
     @model_validator(mode="after")
     def _prompt_files_for_stdit3(self) -> RecipeConfig:
-        if self.calibration.prompts_file is not None and self.model.adapter != "opensora-stdit3":
-            raise ValueError(f"calibration.prompts_file is encoded with Open-Sora's T5 for opensora-stdit3 only, not "
-                             f"for {self.model.adapter!r}: remove it to use the toy prompts, or record your "
-                             "pipeline's own calls with tfmq_video.calib.recorder.record_calls (docs/calibration.md)")
+        if self.calibration.prompts_file is not None:
+            check_prompt_file_adapter(self.model.adapter, ValueError)
         return self
 
     def cache_bits(self) -> int:
