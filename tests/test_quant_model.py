@@ -9,9 +9,10 @@ from torch import nn
 from dit_adapters.base import get_adapter
 from tfmq_video.calib.testing import TINY_LATENT, tiny_stdit3
 from tfmq_video.errors import ConfigError
+from tfmq_video.kernels.int8_attention import int8_attention_ref
 from tfmq_video.quant.config import RecipeConfig, parse_config
 from tfmq_video.quant.model import plan_layers, to_records, wrap_model
-from tfmq_video.quant.modules import QuantAttention, QuantConv, QuantLinear
+from tfmq_video.quant.modules import KernelAttention, QuantAttention, QuantConv, QuantLinear
 
 ADAPTER = get_adapter("opensora-stdit3")
 
@@ -81,6 +82,38 @@ def test_layer_roles_attention_sites_and_fsc_inside_the_tib() -> None:
     assert model.get_submodule("final_layer.linear").input_quant.spec.mode == "static"
     assert isinstance(model.get_submodule("temporal_blocks.0.cross_attn.matmul_quant"), QuantAttention)
     assert qmodel.quantized_weight_fraction() == 1.0
+
+
+def test_per_block_attention_computes_what_the_int8_kernel_reference_computes() -> None:
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 3, 150, 16) for _ in range(3))  # 150 rows: more than one tile of each kind
+    k = k + 4.0  # a common offset the kernel's smoothing removes
+    key_mask = torch.ones(2, 150, dtype=torch.bool)
+    key_mask[0, 100:] = False
+    q.requires_grad_(True)
+    out = KernelAttention()(q, k, v, key_mask[:, None, None, :])
+    assert torch.equal(out, int8_attention_ref(q.detach(), k, v, key_mask))
+    exact = torch.nn.functional.scaled_dot_product_attention(q.detach(), k, v, attn_mask=key_mask[:, None, None, :])
+    relative = float((out.detach() - exact).pow(2).sum() / exact.pow(2).sum())
+    assert 0 < relative < 1e-3
+    out.sum().backward()  # the rounding passes gradients straight through
+    assert q.grad is not None and bool(q.grad.abs().sum() > 0)
+
+
+def test_per_block_attention_mode_has_nothing_to_calibrate() -> None:
+    model = tiny_stdit3()
+    inputs = _inputs()
+    with torch.no_grad():
+        reference = model(**inputs)
+    qmodel = wrap_model(model, ADAPTER, _recipe(attention_mode="per_block"), [1000.0, 500.0])
+    assert isinstance(model.get_submodule("temporal_blocks.0.cross_attn.matmul_quant"), KernelAttention)
+    assert not [name for name in qmodel.state_dict() if ".matmul_quant." in name]
+    _observe(qmodel, inputs)
+    with torch.no_grad():
+        out = qmodel(**inputs)
+    assert float((out - reference).pow(2).sum() / reference.pow(2).sum()) < 1e-2
+    with pytest.raises(ConfigError, match="attention_mode"):
+        _recipe(attention_mode="dynamic")
 
 
 def test_keep_fp_by_name_pattern_and_unknown_names_are_errors() -> None:

@@ -60,7 +60,12 @@ def export_calibrated(qmodel: QuantizedModel, folder: str | os.PathLike) -> Path
     check_exportable(qmodel.adapter.name)
     records, served = to_records(qmodel)
     if qmodel.recipe is not None and qmodel.recipe.quant.quantize_attention:
-        log.info("attention-matmul quantizers are not exported (format v1); the runtime picks its own attention")
+        if qmodel.recipe.quant.attention_mode == "per_block":
+            log.info("attention was calibrated as the runtime's INT8 kernel computes it (attention_mode per_block): "
+                     "run it with attention int8 for the calibrated numbers")
+        else:
+            log.info("static attention-matmul quantizers are not exported (format v1); the runtime runs its own "
+                     "attention (attention_mode per_block calibrates against it)")
     return save_quantized(folder, plain_model(qmodel), records,
                           calibrated_timesteps=[float(t) for t in qmodel.context.timesteps],
                           temporal_cache=runtime_cache(served))

@@ -47,18 +47,28 @@ def softmax_factor(head_dim: int, sm_scale: float | None) -> float:
     return (1.0 / math.sqrt(head_dim) if sm_scale is None else sm_scale) * LOG2E
 
 
+def scaled_smoothed_qk(q: torch.Tensor, k: torch.Tensor, sm_scale: float | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """What the kernel quantizes (float32): Q times the base-2 softmax factor, K minus its mean over tokens."""
+    return q.float() * softmax_factor(q.shape[-1], sm_scale), k.float() - k.float().mean(dim=-2, keepdim=True)
+
+
 def prepare_qk(
     q: torch.Tensor, k: torch.Tensor, sm_scale: float | None, block_m: int = BLOCK_M, block_n: int = BLOCK_N
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Smooth K, fold the softmax scale (base 2) into Q, quantize both per block (PyTorch reference)."""
-    k_smooth = k.float() - k.float().mean(dim=-2, keepdim=True)
-    q_codes, q_scale = quantize_per_block(q.float() * softmax_factor(q.shape[-1], sm_scale), block_m)
+    q_scaled, k_smooth = scaled_smoothed_qk(q, k, sm_scale)
+    q_codes, q_scale = quantize_per_block(q_scaled, block_m)
     k_codes, k_scale = quantize_per_block(k_smooth, block_n)
     return q_codes, q_scale, k_codes, k_scale
 
 
 def _dequantize_blocks(codes: torch.Tensor, scale: torch.Tensor, block: int) -> torch.Tensor:
     return codes.float() * scale.repeat_interleave(block, dim=-1)[..., : codes.shape[-2], None]
+
+
+def fake_quantize_per_block(x: torch.Tensor, block: int) -> torch.Tensor:
+    """``x`` (B, H, N, D) rounded to its int8 grid of one scale per ``block`` rows, as float32."""
+    return _dequantize_blocks(*quantize_per_block(x, block), block)
 
 
 def int8_attention_ref(
@@ -69,10 +79,17 @@ def int8_attention_ref(
     q_codes, q_scale, k_codes, k_scale = prepare_qk(q, k, sm_scale, block_m, block_n)
     keys = _dequantize_blocks(k_codes, k_scale, block_n)
     logits = _dequantize_blocks(q_codes, q_scale, block_m) @ keys.transpose(-1, -2)
-    if key_mask is not None:
-        logits = logits.masked_fill(~key_mask.bool()[:, None, None, :], float("-inf"))
+    mask = None if key_mask is None else key_mask.bool()[:, None, None, :]
+    return attend_base2(logits, v, mask).to(q.dtype)
+
+
+def attend_base2(logits: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """softmax(logits * ln 2) · V with P and V in fp16, as the kernel's P·V (float32 result);
+    ``mask`` (True = attend) broadcasts against the logits."""
+    if mask is not None:
+        logits = logits.masked_fill(~mask, float("-inf"))
     probs = torch.softmax(logits * math.log(2.0), dim=-1)
-    return (probs.half().float() @ v.half().float()).to(q.dtype)
+    return probs.half().float() @ v.half().float()
 
 
 if HAS_TRITON:

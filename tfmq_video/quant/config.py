@@ -69,11 +69,19 @@ class ActivationConfig(_Section):
 
 
 class QuantConfig(_Section):
-    """What is quantized: weights, activations, attention matmul inputs; layers kept FP by name pattern."""
+    """What is quantized: weights, activations, attention matmul inputs; layers kept FP by name pattern.
+
+    ``attention_mode`` (with ``quantize_attention``): ``static`` quantizes q, k, v and the softmax
+    probabilities with the activation settings (one calibrated range each: Q-Diffusion's
+    treatment); ``per_block`` models the runtime's INT8 attention kernel instead (int8 Q/K with a
+    scale per tile computed at run time, P·V in fp16), so calibration sees the attention error
+    that a GPU deployment has. Its bits are the kernel's 8 whatever ``activation.bits`` is.
+    """
 
     weight: WeightConfig = WeightConfig()
     activation: ActivationConfig = ActivationConfig()
     quantize_attention: bool = True
+    attention_mode: Literal["static", "per_block"] = "static"
     keep_fp: tuple[str, ...] = ()
 
 

@@ -25,6 +25,7 @@ from tfmq_video.quant.affine import code_dtype
 from tfmq_video.quant.config import RecipeConfig
 from tfmq_video.quant.modules import (
     CONV_TYPES,
+    KernelAttention,
     QuantAttention,
     QuantConv,
     QuantWeightLayer,
@@ -82,11 +83,15 @@ def plan_layers(model: nn.Module, adapter: DiTAdapter, recipe: RecipeConfig) -> 
     return plans
 
 
-def _install_attention(site: nn.Module, spec: ActSpec, context: StepContext) -> None:
-    """Replace ``site.attention`` by a :class:`QuantAttention` registered as ``site.matmul_quant``."""
+def _install_attention(site: nn.Module, recipe: RecipeConfig, context: StepContext) -> None:
+    """Replace ``site.attention`` by the recipe's fake-quant attention (:class:`QuantAttention`, or
+    :class:`KernelAttention` for ``attention_mode: per_block``) registered as ``site.matmul_quant``."""
     if not callable(getattr(site, "attention", None)):
         raise ConfigError(f"attention site {type(site).__name__} has no attention(q, k, v) method to wrap")
-    quant = QuantAttention(spec, context).to(model_device(site))
+    if recipe.quant.attention_mode == "per_block":
+        quant: nn.Module = KernelAttention()
+    else:
+        quant = QuantAttention(recipe.quant.activation.spec(), context).to(model_device(site))
     site.add_module("matmul_quant", quant)
     object.__setattr__(site, "attention", quant.forward)
 
@@ -171,7 +176,7 @@ def wrap_model(
         patterns = (*adapter.keep_fp_patterns, *recipe.quant.keep_fp)  # validated by plan_layers
         for site_name in adapter.attention_sites(model):
             if not any(matches_module_pattern(site_name, p) for p in patterns):
-                _install_attention(model.get_submodule(site_name), recipe.quant.activation.spec(), context)
+                _install_attention(model.get_submodule(site_name), recipe, context)
     return QuantizedModel(model, adapter, context, plans)
 
 

@@ -117,6 +117,35 @@ class QuantAttention(nn.Module):
         return probs @ v
 
 
+class KernelAttention(nn.Module):
+    """Attention as tfmq-video's INT8 attention kernel computes it (``attention_mode: per_block``).
+
+    Q (times the softmax scale) and K (minus its mean over tokens) are rounded to int8 with one
+    scale per tile of query/key rows, computed from the tensor itself at every call; P and V
+    enter P·V in fp16 (:mod:`tfmq_video.kernels.int8_attention`). There is nothing to calibrate;
+    gradients pass the rounding straight through, so block reconstruction sees the kernel's error.
+    """
+
+    def forward(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Same contract as :meth:`QuantAttention.forward`."""
+        from tfmq_video.kernels import int8_attention as kernel
+
+        q_scaled, k_smooth = kernel.scaled_smoothed_qk(q, k, None)
+        q_hat = _straight_through(q_scaled, kernel.fake_quantize_per_block(q_scaled.detach(), kernel.BLOCK_M))
+        k_hat = _straight_through(k_smooth, kernel.fake_quantize_per_block(k_smooth.detach(), kernel.BLOCK_N))
+        return kernel.attend_base2(q_hat @ k_hat.transpose(-2, -1), v, attn_mask).to(q.dtype)
+
+    def extra_repr(self) -> str:
+        return "int8 Q/K per tile (dynamic), P·V in fp16"
+
+
+def _straight_through(x: torch.Tensor, rounded: torch.Tensor) -> torch.Tensor:
+    """``rounded`` forward, the identity's gradient backward."""
+    return x + (rounded - x).detach()
+
+
 def activation_quantizers(module: nn.Module) -> list[ActQuantizer]:
     """Every activation quantizer inside ``module``."""
     return [m for m in module.modules() if isinstance(m, ActQuantizer)]
