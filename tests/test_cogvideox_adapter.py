@@ -22,7 +22,7 @@ from tfmq_video.calib.baselines import method_recipe
 from tfmq_video.calib.checkpoint import load_calibrated, save_calibrated
 from tfmq_video.calib.recorder import CalibrationSet, record_calls
 from tfmq_video.errors import CheckpointError, ConfigError
-from tfmq_video.quant.config import RecipeConfig
+from tfmq_video.quant.config import RecipeConfig, parse_config
 
 FAST = RecipeConfig(progress=False, tib={"iterations": 60}, reconstruction={"iterations": 10, "batch_size": 2})
 ADAPTER = CogVideoXAdapter()
@@ -143,6 +143,36 @@ def test_block_reconstruction_leaves_the_tib_layers_inside_blocks_alone(cog: tor
     assert all(torch.equal(after[name], value) for name, value in tib_state.items())
     blocks = [name for name in tib_only.model.state_dict() if ".attn1.to_q." in name]
     assert any(not torch.equal(after[name], tib_only.model.state_dict()[name]) for name in blocks)
+
+
+def test_qdiffusion_calibrates_the_adaln_linears_inside_blocks_with_their_blocks(
+        quantized: dict, cog: torch.nn.Module, cog_calibration: CalibrationSet) -> None:
+    """BRECQ/Q-Diffusion know no TIB: a layer inside a block is reconstructed with that block, and
+    the reported temporal-feature error is that of the finished model."""
+    from tfmq_video.calib.tib import TemporalInformationBlock, feature_errors, mean_error
+
+    qdiffusion = quantized["qdiffusion"]
+    plans = qdiffusion.plans
+    assert plans["transformer_blocks.0.norm1.linear"].role == "block"
+    assert plans["transformer_blocks.0.norm1.linear"].activation.mode == "static"
+    assert plans["time_embedding.linear_1"].role == "tib" and plans["norm_out.linear"].role == "tib"
+    tib = TemporalInformationBlock.from_calibration(ADAPTER, cog_calibration, "cpu")
+    with torch.no_grad():
+        measured = mean_error(feature_errors(tib.features(qdiffusion.model, qdiffusion), tib.fp_features(cog)))
+    assert qdiffusion.report["temporal"]["temporal_feature_error"] == pytest.approx(measured, rel=1e-9)
+    recipe = method_recipe("qdiffusion", 4, 8, FAST)
+    no_blocks = recipe.model_copy(update={"reconstruction": recipe.reconstruction.model_copy(update={"enabled": False})})
+    unreconstructed = tfmq_video.quantize(cog, "cogvideox", cog_calibration, no_blocks).model.state_dict()
+    adaln = [name for name in unreconstructed if ".norm1.linear.weight_quant." in name]
+    assert adaln
+    after = qdiffusion.model.state_dict()
+    assert any(not torch.equal(after[name], unreconstructed[name]) for name in adaln)
+
+
+def test_in_block_layers_block_refuses_the_tib_remedies() -> None:
+    with pytest.raises(ConfigError, match="in_block_layers"):
+        parse_config({"tib": {"in_block_layers": "block"}})
+    assert method_recipe("qdiffusion-tib-layerwise", 4, 8).tib.in_block_layers == "tib"
 
 
 def test_blocks_run_alone_on_mixed_step_rows_use_each_rows_step(quantized: dict,

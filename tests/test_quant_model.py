@@ -116,6 +116,16 @@ def test_per_block_attention_mode_has_nothing_to_calibrate() -> None:
         _recipe(attention_mode="dynamic")
 
 
+def test_stdit3_has_no_tib_layer_inside_a_block() -> None:
+    """So the two Q-Diffusion treatments of in-block TIB layers give the same plan here, and the
+    STDiT3 rows of every session compare with each other."""
+    from tfmq_video.calib.baselines import method_recipe
+
+    plans = {method: plan_layers(tiny_stdit3(), ADAPTER, method_recipe(method, 4, 8))
+             for method in ("qdiffusion", "qdiffusion-tib-layerwise")}
+    assert plans["qdiffusion"] == plans["qdiffusion-tib-layerwise"]
+
+
 def test_keep_fp_by_name_pattern_and_unknown_names_are_errors() -> None:
     model = tiny_stdit3()
     recipe = parse_config({"quant": {"keep_fp": ["*.mlp.fc2", "spatial_blocks.0"]}, "tib": {"keep_fp": True}})

@@ -24,7 +24,7 @@ from tfmq_video.calib.checkpoint import model_fingerprint
 from tfmq_video.calib.observe import observe_activations
 from tfmq_video.calib.reconstruction import reconstruct_blocks
 from tfmq_video.calib.recorder import CalibrationSet
-from tfmq_video.calib.temporal import maintain_temporal_features
+from tfmq_video.calib.temporal import maintain_temporal_features, record_final_errors
 from tfmq_video.calib.tib import TemporalInformationBlock
 from tfmq_video.devices import model_device
 from tfmq_video.errors import ConfigError
@@ -85,6 +85,7 @@ def quantize(
     timings["reconstruction"] = time.perf_counter() - stage
 
     freeze_all(qmodel)
+    record_final_errors(qmodel, model, tib, temporal_report)
     qmodel.recipe, qmodel.fingerprint = recipe, model_fingerprint(model)
     timings["total"] = time.perf_counter() - start
     qmodel.report = {

@@ -2,9 +2,13 @@
 
 - ``rtn``: min-max per-channel weights, static per-tensor min-max activations, TIB quantized.
 - ``qdiffusion``: block reconstruction (AdaRound) on the timestep-aware set, one static
-  activation parameter set for all timesteps, TIB treated like any layer outside the blocks
-  (BRECQ): each TIB layer reconstructed on its own output (``tib.layerwise_reconstruction``;
-  no TIAR, FSC, cache or selection).
+  activation parameter set for all timesteps, and the TIB's layers treated like any other layer
+  (BRECQ): those outside the blocks reconstructed each on its own output
+  (``tib.layerwise_reconstruction``), those inside a block with that block
+  (``tib.in_block_layers: block``); no TIAR, FSC, cache or selection.
+- ``qdiffusion-tib-layerwise``: ``qdiffusion`` with the TIB layers inside blocks also
+  reconstructed each on its own output over the calibrated timesteps (a direct objective on
+  temporal features that Q-Diffusion does not have; the ``qdiffusion`` of sessions 14-15).
 - ``viditq``: dynamic per-token activations, TIB kept FP, min-max per-channel weights.
 - ``tfmq-tiar``: TIAR only (static TIB activations), plus block reconstruction.
 - ``tfmq-fsc``: FSC per-timestep TIB activations and the cache with selection, no TIAR.
@@ -24,7 +28,7 @@ from tfmq_video.errors import ConfigError
 from tfmq_video.quant.config import RecipeConfig, parse_config
 
 TIB_OFF = {"keep_fp": False, "tiar": False, "fsc": False, "cache": False, "select": False,
-           "layerwise_reconstruction": False}
+           "layerwise_reconstruction": False, "in_block_layers": "tib"}
 
 # method -> overrides of the base recipe, by section
 METHODS: dict[str, dict[str, dict[str, Any]]] = {
@@ -34,8 +38,10 @@ METHODS: dict[str, dict[str, dict[str, Any]]] = {
         "weight": {"init": "minmax"},
         "activation": {"init": "minmax", "mode": "static"},
     },
-    "qdiffusion": {"tib": {**TIB_OFF, "layerwise_reconstruction": True}, "reconstruction": {"enabled": True},
-                   "activation": {"mode": "static"}},
+    "qdiffusion": {"tib": {**TIB_OFF, "layerwise_reconstruction": True, "in_block_layers": "block"},
+                   "reconstruction": {"enabled": True}, "activation": {"mode": "static"}},
+    "qdiffusion-tib-layerwise": {"tib": {**TIB_OFF, "layerwise_reconstruction": True},
+                                 "reconstruction": {"enabled": True}, "activation": {"mode": "static"}},
     "viditq": {
         "tib": {**TIB_OFF, "keep_fp": True},
         "reconstruction": {"enabled": False},

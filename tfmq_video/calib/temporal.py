@@ -100,7 +100,15 @@ def maintain_temporal_features(
         cache.set_choices(use_cache)
         qmodel.set_temporal_cache(cache)
         report["choices"] = describe_choices(use_cache)
+    record_final_errors(qmodel, fp_model, tib, report)
+    return report
+
+
+def record_final_errors(qmodel: QuantizedModel, fp_model: nn.Module, tib: TemporalInformationBlock,
+                        report: dict[str, Any]) -> None:
+    """Set ``report["final"]`` (per feature and step) and ``report["temporal_feature_error"]`` (their
+    mean) to the errors of the features ``qmodel`` serves now. Called again once every layer is frozen,
+    since TIB layers calibrated with their block (``tib.in_block_layers: block``) change after this stage."""
     final = _errors(qmodel, fp_model, tib)
     report["final"] = _as_lists(final)
     report["temporal_feature_error"] = mean_error(final)
-    return report

@@ -100,9 +100,17 @@ class TIBConfig(_Section):
     ``iterations`` (per TIB layer: TIAR, which optimizes all of them at once, runs ``iterations`` times
     the number of TIB layers), ``lr_rounding``, ``lr_scale`` (relative to each step size's magnitude,
     see :mod:`tfmq_video.calib.optimize`) and ``rounding_weight``.
+
+    ``in_block_layers``: where the TIB layers that sit inside transformer blocks (CogVideoX's and
+    FLUX's per-block adaLN linears of the time embedding; STDiT3 has none) are calibrated: with
+    the TIB (``tib``, the default: TIAR, FSC, the cache and the selection see them) or, ``block``,
+    as ordinary layers of their block's reconstruction, which is what BRECQ and Q-Diffusion do
+    with every layer inside a block (the ``qdiffusion`` baseline). ``block`` excludes TIAR, FSC
+    and the cache.
     """
 
     keep_fp: bool = False
+    in_block_layers: Literal["tib", "block"] = "tib"
     tiar: bool = True
     fsc: bool = True
     cache: bool = True
@@ -123,6 +131,10 @@ class TIBConfig(_Section):
         if self.layerwise_reconstruction and self.tiar:
             raise ValueError("tib.layerwise_reconstruction and tib.tiar are alternative objectives for the TIB "
                              "(its layers' own outputs vs the joint temporal features): enable one")
+        if self.in_block_layers == "block" and (self.tiar or self.fsc or self.cache):
+            raise ValueError("tib.in_block_layers: block calibrates the TIB layers inside blocks with their block, "
+                             "which TIAR, FSC and the cache would contradict: set tiar, fsc and cache to false, or "
+                             "in_block_layers: tib")
         if self.layerwise_reconstruction and self.keep_fp:
             raise ValueError("tib.layerwise_reconstruction needs a quantized TIB: tib.keep_fp leaves it in full "
                              "precision")

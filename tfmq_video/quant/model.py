@@ -73,8 +73,9 @@ def plan_layers(model: nn.Module, adapter: DiTAdapter, recipe: RecipeConfig) -> 
     act = recipe.quant.activation
     plans = {}
     for name in layers:
-        temporal = adapter.is_temporal(name)
-        role = "tib" if temporal else ("block" if any(matches_module_pattern(name, b) for b in blocks) else "other")
+        in_block = any(matches_module_pattern(name, b) for b in blocks)
+        temporal = adapter.is_temporal(name) and not (in_block and recipe.tib.in_block_layers == "block")
+        role = "tib" if temporal else ("block" if in_block else "other")
         if any(matches_module_pattern(name, p) for p in patterns) or (temporal and recipe.tib.keep_fp):
             plans[name] = LayerPlan(name, role, None, None)
             continue
