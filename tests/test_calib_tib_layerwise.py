@@ -54,7 +54,7 @@ def _layer_errors(
 def test_qdiffusion_recipe_reconstructs_the_tib_layer_by_layer_and_nothing_else_does() -> None:
     for method in METHODS:
         cfg = method_recipe(method, 4, 8, FAST).tib
-        assert cfg.layerwise_reconstruction == (method == "qdiffusion")
+        assert cfg.layerwise_reconstruction == (method in ("qdiffusion", "qdiffusion-tib-layerwise"))
     cfg = method_recipe("qdiffusion", 4, 8, FAST).tib
     assert not (cfg.tiar or cfg.fsc or cfg.cache or cfg.select or cfg.keep_fp)
     assert cfg.iterations == FAST.tib.iterations  # same budget per layer as TIAR

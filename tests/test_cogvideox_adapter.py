@@ -169,6 +169,22 @@ def test_qdiffusion_calibrates_the_adaln_linears_inside_blocks_with_their_blocks
     assert any(not torch.equal(after[name], unreconstructed[name]) for name in adaln)
 
 
+def test_tib_only_studies_refuse_a_tib_calibrated_with_its_blocks(cog: torch.nn.Module) -> None:
+    """``tools/compare_tib_strategies.py`` (and the swap study) quantize the TIB alone: the faithful
+    Q-Diffusion has no TIB of its own on CogVideoX, so it is refused with the method to use."""
+    import importlib.util
+
+    tool = Path(__file__).resolve().parents[1] / "tools" / "compare_tib_strategies.py"
+    spec = importlib.util.spec_from_file_location("compare_tib_strategies", tool)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    with pytest.raises(ConfigError, match="qdiffusion-tib-layerwise"):
+        module.only_tib_quantized(method_recipe("qdiffusion", 4, 8, FAST), cog, ADAPTER)
+    recipe = module.only_tib_quantized(method_recipe("qdiffusion-tib-layerwise", 4, 8, FAST), cog, ADAPTER)
+    assert "transformer_blocks.0.attn1.to_q" in recipe.quant.keep_fp
+    assert "transformer_blocks.0.norm1.linear" not in recipe.quant.keep_fp
+
+
 def test_in_block_layers_block_refuses_the_tib_remedies() -> None:
     with pytest.raises(ConfigError, match="in_block_layers"):
         parse_config({"tib": {"in_block_layers": "block"}})

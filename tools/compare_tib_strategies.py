@@ -35,6 +35,7 @@ from dit_adapters.base import DiTAdapter, get_adapter
 from eval_video._files import write_text_atomic
 from tfmq_video.calib.baselines import METHODS, method_recipe
 from tfmq_video.calib.recorder import record_recipe_calibration
+from tfmq_video.errors import ConfigError
 from tfmq_video.quant.config import RecipeConfig, load_config, parse_config
 
 STRATEGIES = ("initial", "tib", "cache", "final")
@@ -52,8 +53,13 @@ def only_tib_quantized(recipe: RecipeConfig, model: torch.nn.Module, adapter: Di
     """``recipe`` with every layer outside the TIB kept FP (by name) and the attention matmuls FP."""
     from tfmq_video.quant.model import plan_layers
 
+    plans = plan_layers(model, adapter, recipe)
+    with_blocks = [name for name, plan in plans.items() if adapter.is_temporal(name) and plan.role != "tib"]
+    if with_blocks:
+        raise ConfigError(f"{recipe.name} calibrates the TIB layers inside blocks ({with_blocks[:2]}, ...) with their "
+                          "blocks, so it has no TIB of its own to study alone; use qdiffusion-tib-layerwise")
     raw = recipe.model_dump()
-    raw["quant"]["keep_fp"] = [name for name, plan in plan_layers(model, adapter, recipe).items() if plan.role != "tib"]
+    raw["quant"]["keep_fp"] = [name for name, plan in plans.items() if plan.role != "tib"]
     raw["quant"]["quantize_attention"] = False
     return parse_config(raw, f"(only the TIB of {recipe.name} quantized)")
 
