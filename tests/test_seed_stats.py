@@ -14,6 +14,7 @@ from tfmq_video.calib.seed_stats import (
     mann_whitney_u,
     merge_runs,
     seeds_table,
+    signed_rank_p,
 )
 from tfmq_video.cli import main
 from tfmq_video.errors import ConfigError
@@ -38,6 +39,33 @@ def test_exact_test_matches_the_counting_definition() -> None:
     assert mann_whitney_u([1, 2], [2, 3]) == 3.5  # the tie counts half
     # interleaved values: U = 6 of 9 (a1 < b1, b2, b3; a2 < b2, b3; a3 < b3), reached by 7 of 20 splits
     assert mann_whitney_p([1, 3, 5], [2, 4, 6]) == pytest.approx(7 / 20)
+
+
+def test_signed_rank_test_matches_the_counting_definition() -> None:
+    # a better at each of 3 seeds: only 1 of the 2**3 sign flips reaches W+ = 6
+    assert signed_rank_p([1, 2, 3], [2, 4, 6]) == pytest.approx(1 / 8)
+    assert signed_rank_p([2, 4, 6], [1, 2, 3]) == 1.0
+    assert signed_rank_p([2, 4, 6], [1, 2, 3], lower_is_better=False) == pytest.approx(1 / 8)
+    # gains 0.95, -1.87, 0.15, 0.67, 0.72: W+ = 1 + 2 + 3 + 4 = 10, reached by the 10 of 32 flips
+    # whose complement sums to at most 5
+    a, b = [11.57, 11.49, 14.0, 12.43, 11.58], [12.52, 9.62, 14.15, 13.10, 12.30]
+    assert signed_rank_p(a, b) == pytest.approx(10 / 32)
+    # a tie at one seed is dropped, tied |differences| share their rank: gains 1, 1, -2 -> ranks 1.5, 1.5, 3
+    assert signed_rank_p([0, 0, 5, 7], [1, 1, 3, 7]) == pytest.approx(5 / 8)  # W+ = 3: 5 of the 8 subsets
+    assert signed_rank_p([1.0], [1.0]) == 1.0
+    with pytest.raises(ValueError, match="paired"):
+        signed_rank_p([1, 2], [1])
+
+
+def test_comparisons_pair_the_common_seeds() -> None:
+    rows = FP_ROWS + _rows("tfmq", {0: 0.10, 1: 0.30, 2: 0.20, 7: 0.01}) + _rows("qdiffusion", {0: 0.2, 1: 0.4, 2: 0.25})
+    by_pair = {(c.method_a, c.method_b): c for c in compare_methods(rows, "fvd_fp")}
+    tfmq = by_pair["tfmq", "qdiffusion"]
+    assert (tfmq.seeds_a, tfmq.seeds_b, tfmq.paired_seeds) == (4, 3, 3)  # seed 7 has no partner
+    assert tfmq.paired_wins == 1.0 and tfmq.paired_p == pytest.approx(1 / 8)
+    assert tfmq.wins == pytest.approx(9.5 / 12)  # unpaired: 0.30 loses to 0.2 and 0.25, 0.20 ties 0.2
+    alone = compare_methods(FP_ROWS + _rows("tfmq", {0: 0.1}) + _rows("rtn", {1: 0.5}), "fvd_fp")
+    assert {(c.paired_seeds, c.paired_wins, c.paired_p) for c in alone} == {(0, None, None)}
 
 
 def test_runs_merge_once_and_comparisons_name_the_better_method() -> None:
@@ -81,7 +109,7 @@ def test_bench_seeds_command_writes_tables_json_and_plot(tmp_path: Path, capsys:
     assert main(["bench", "seeds", str(tmp_path / "a.json"), str(tmp_path / "b.json"), "--json", str(out),
                  "--plot", str(plot), "--metrics", "fvd_fp", "psnr_fp"]) == 0
     printed = capsys.readouterr().out
-    assert "| fvd_fp | 4 | 8 | 8 | tfmq | rtn | 2, 2 | 1.00 | 0.167 |" in printed
+    assert "| fvd_fp | 4 | 8 | 8 | tfmq | rtn | 2, 2 | 1.00 | 0.167 | 2 | 1.00 | 0.250 |" in printed
     record = json.loads(out.read_text())
     assert {c["method_a"] for c in record["comparisons"]} == {"tfmq", "rtn"} and len(record["rows"]) == 6
     assert plot.stat().st_size > 10_000

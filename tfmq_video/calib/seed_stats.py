@@ -10,6 +10,11 @@ FP videos, and compares two methods seed against seed:
   the ways to split the pooled values into groups of the two sizes whose U is at least the one
   observed). With 3 or 4 seeds per method the smallest reachable p is 1/35 (3 and 4) or 1/70
   (4 and 4): few seeds cannot give strong evidence, and the table says how much they give.
+- ``paired_wins`` and ``paired_p``: the same comparison seed against the same seed, over the
+  seeds both methods were calibrated with. A calibration seed draws the reconstruction rows and
+  the order of their minibatches (``calib/reconstruction.py``), the same for every method, so
+  rows of one seed share that draw and its luck; the exact one-sided Wilcoxon signed-rank test
+  of the per-seed differences takes it out. With n common seeds the smallest p is 1 / 2**n.
 
 ``tfmq-video bench seeds RUN.json ...`` prints the per-seed values, the mean ± std and the
 pairwise comparisons, writes them as JSON and plots the values with the FP noise floor.
@@ -52,6 +57,9 @@ class SeedComparison:
     seeds_b: int
     wins: float  # share of seed pairs in which A is better (ties count half)
     p_value: float  # exact one-sided Mann-Whitney: A better than B
+    paired_seeds: int  # calibration seeds both methods have
+    paired_wins: float | None  # share of those seeds at which A is better (ties count half)
+    paired_p: float | None  # exact one-sided Wilcoxon signed-rank over those seeds: A better than B
 
 
 def _row_key(row: dict[str, Any]) -> tuple[Any, ...]:
@@ -147,6 +155,49 @@ def mann_whitney_p(a: Sequence[float], b: Sequence[float], lower_is_better: bool
     return at_least / len(splits)
 
 
+def _average_ranks(values: Sequence[float]) -> list[float]:
+    """Ranks 1..n of ``values``, tied values sharing the mean of their ranks."""
+    order = sorted(range(len(values)), key=lambda i: values[i])
+    ranks = [0.0] * len(values)
+    start = 0
+    while start < len(order):
+        end = start
+        while end + 1 < len(order) and values[order[end + 1]] == values[order[start]]:
+            end += 1
+        for i in order[start:end + 1]:
+            ranks[i] = (start + end) / 2 + 1
+        start = end + 1
+    return ranks
+
+
+def signed_rank_p(a: Sequence[float], b: Sequence[float], lower_is_better: bool = True) -> float:
+    """Exact one-sided p of "a is better than b" for paired values (``a[i]`` and ``b[i]`` at the
+    same seed): the Wilcoxon signed-rank statistic (the ranks of the nonzero ``|differences|``
+    where a is better, summed) against all 2**n ways to flip the differences' signs."""
+    if len(a) != len(b) or not a:
+        raise ValueError("signed_rank_p needs two equally long, nonempty lists of paired values")
+    sign = 1.0 if lower_is_better else -1.0
+    gains = [sign * (y - x) for x, y in zip(a, b, strict=True) if x != y]  # > 0: a better
+    if not gains:
+        return 1.0
+    if len(gains) > 20:
+        raise ValueError(f"{len(gains)} paired values: too many sign flips for the exact test")
+    ranks = _average_ranks([abs(g) for g in gains])
+    observed = sum(r for r, g in zip(ranks, gains, strict=True) if g > 0)
+    at_least = sum(1 for flips in range(2 ** len(ranks))
+                   if sum(r for i, r in enumerate(ranks) if flips >> i & 1) >= observed - 1e-9)
+    return at_least / 2 ** len(ranks)
+
+
+def _paired(seeds_a: dict[int, float], seeds_b: dict[int, float], lower: bool) -> tuple[int, float | None, float | None]:
+    common = sorted(set(seeds_a) & set(seeds_b))
+    if not common:
+        return 0, None, None
+    a, b = [seeds_a[s] for s in common], [seeds_b[s] for s in common]
+    wins = sum(mann_whitney_u([x], [y], lower) for x, y in zip(a, b, strict=True))  # ties count half
+    return len(common), wins / len(common), signed_rank_p(a, b, lower)
+
+
 def compare_methods(rows: Sequence[dict[str, Any]], metric: str) -> list[SeedComparison]:
     """Every ordered pair of methods measured at the same setting, on ``metric``."""
     if metric not in METRIC_DIRECTION:
@@ -161,7 +212,7 @@ def compare_methods(rows: Sequence[dict[str, Any]], metric: str) -> list[SeedCom
             a, b = list(seeds_a.values()), list(seeds_b.values())
             comparisons.append(SeedComparison(metric, tuple(setting_a), method_a, method_b, len(a), len(b),
                                               mann_whitney_u(a, b, lower) / (len(a) * len(b)),
-                                              mann_whitney_p(a, b, lower)))
+                                              mann_whitney_p(a, b, lower), *_paired(seeds_a, seeds_b, lower)))
     return comparisons
 
 
@@ -186,12 +237,15 @@ def seeds_table(rows: Sequence[dict[str, Any]], metrics: Sequence[str]) -> str:
 
 def comparisons_table(comparisons: Sequence[SeedComparison]) -> str:
     """Markdown: one line per comparison."""
-    lines = ["| metric | W | A | N | A | B | seeds A, B | A better in (share of seed pairs) | p (one-sided) |",
-             "|" + "---|" * 9]
+    lines = ["| metric | W | A | N | A | B | seeds A, B | A better in (share of seed pairs) | p (one-sided) "
+             "| common seeds | A better at the same seed | p paired (one-sided) |",
+             "|" + "---|" * 12]
     for c in comparisons:
         wbits, abits, videos = c.setting
+        paired = (f"{c.paired_seeds} | {c.paired_wins:.2f} | {c.paired_p:.3f}" if c.paired_p is not None
+                  else "0 | - | -")
         lines.append(f"| {c.metric} | {wbits} | {abits} | {videos} | {c.method_a} | {c.method_b} | "
-                     f"{c.seeds_a}, {c.seeds_b} | {c.wins:.2f} | {c.p_value:.3f} |")
+                     f"{c.seeds_a}, {c.seeds_b} | {c.wins:.2f} | {c.p_value:.3f} | {paired} |")
     return "\n".join(lines)
 
 

@@ -2,8 +2,9 @@
 
 Merges the JSON records of several ``bench quality`` runs (refusing runs scored against other FP
 videos), prints each method's per-seed values with mean ± std and, for every pair of methods at
-the same setting, the share of seed pairs one wins and the exact one-sided Mann-Whitney p. See
-:mod:`tfmq_video.calib.seed_stats`.
+the same setting, the share of seed pairs one wins and the exact one-sided Mann-Whitney p, and
+over the seeds both have, the share of seeds it wins and the exact one-sided Wilcoxon
+signed-rank p of the paired differences. See :mod:`tfmq_video.calib.seed_stats`.
 """
 
 from __future__ import annotations
