@@ -74,6 +74,8 @@ def test_bench_quality_end_to_end_small(tmp_path: Path) -> None:
     assert floor["fvd_std"] > 0 and floor["fvd_fp"] > 0  # other seeds: other videos
     assert [(e["method"], e["seeds"]) for e in record["seed_summary"]] == [("rtn", 2)]
     assert (tmp_path / "q.png").is_file()
+    assert record["rows"][0]["label_flips_fp"] == 0.0  # FP against itself
+    assert all(r["label_flips_fp"] in (0.0, 0.25, 0.5, 0.75, 1.0) for r in record["rows"])  # shares of 4 videos
 
 
 def test_fp_videos_are_cached_by_model_and_seeds(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -113,6 +115,25 @@ def test_block_output_errors_lists_every_reconstructed_unit() -> None:
     report = {"reconstruction": {"blocks": {"blocks.0": {"output_error": 0.1}, "head": {"output_error": 0.2}}}}
     assert block_output_errors(report) == {"blocks.0": 0.1, "head": 0.2}
     assert block_output_errors({"reconstruction": {}}) == {}
+
+
+def test_label_flips_count_videos_the_classifier_reads_otherwise() -> None:
+    import numpy as np
+
+    from tfmq_video.calib.quality import ToyEvaluator
+    from tfmq_video.toy.data import clips_to_tensor, make_clips
+
+    evaluator = ToyEvaluator(2, seed=0)
+    clips, _ = make_clips(3, 6)
+    videos = clips_to_tensor(clips)
+    feats = evaluator.features(videos)
+    read = evaluator.labels(feats)
+    assert read.shape == (6, 3)
+    assert evaluator.score(videos, videos, feats)["label_flips_fp"] == 0.0
+    flipped = videos.flip(-1)  # mirrored left-right: a left/right moving clip now moves the other way
+    expected = float(np.mean(np.any(evaluator.labels(evaluator.features(flipped)) != read, axis=1)))
+    assert expected > 0
+    assert evaluator.score(flipped, videos, feats)["label_flips_fp"] == pytest.approx(expected)
 
 
 def test_paired_feature_error_is_zero_for_identical_and_about_two_for_independent_sets() -> None:

@@ -168,15 +168,19 @@ def test_checkpoint_round_trip_gives_identical_outputs(tfmq_model, model: torch.
         assert torch.equal(sample_tiny(loaded, seed=7), reference)
 
 
-def test_per_block_attention_checkpoint_round_trip(model: torch.nn.Module, calibration: CalibrationSet,
-                                                   tmp_path: Path) -> None:
-    from tfmq_video.quant.modules import KernelAttention
+def test_static_attention_checkpoint_round_trip(model: torch.nn.Module, calibration: CalibrationSet,
+                                                tmp_path: Path) -> None:
+    """The default attention (per_block, the kernel's) has no state; static quantizers have ranges
+    that the checkpoint must bring back."""
+    from tfmq_video.quant.modules import KernelAttention, QuantAttention
 
-    base = FAST.model_copy(update={"quant": FAST.quant.model_copy(update={"attention_mode": "per_block"})})
+    assert FAST.quant.attention_mode == "per_block"
+    base = FAST.model_copy(update={"quant": FAST.quant.model_copy(update={"attention_mode": "static"})})
     qmodel = tfmq_video.quantize(model, "opensora-stdit3", calibration, method_recipe("rtn", 8, 8, base))
     reference = sample_tiny(qmodel, seed=3)
     loaded = load_calibrated(save_calibrated(qmodel, tmp_path / "ckpt"))
-    assert any(isinstance(m, KernelAttention) for m in loaded.modules())
+    assert any(isinstance(m, QuantAttention) for m in loaded.modules())
+    assert not any(isinstance(m, KernelAttention) for m in loaded.modules())
     assert torch.equal(sample_tiny(loaded, seed=3), reference)
 
 

@@ -46,7 +46,8 @@ def test_wrapped_model_keeps_state_names_and_runs_the_same_forward() -> None:
     with torch.no_grad():
         reference = model(**inputs)
     original_keys = set(model.state_dict())
-    qmodel = wrap_model(model, ADAPTER, _recipe(), [1000.0, 500.0])
+    # static attention quantizers can be switched off; the kernel's attention (per_block) cannot
+    qmodel = wrap_model(model, ADAPTER, _recipe(attention_mode="static"), [1000.0, 500.0])
     assert original_keys <= {k.removeprefix("model.") for k in qmodel.state_dict()}
     for quantizer in qmodel.activation_quantizers():
         quantizer.state = "off"
@@ -56,12 +57,13 @@ def test_wrapped_model_keeps_state_names_and_runs_the_same_forward() -> None:
         assert torch.allclose(qmodel(**inputs), reference, atol=1e-5)
 
 
-def test_w8a8_fake_quant_output_is_close_to_fp() -> None:
+@pytest.mark.parametrize("attention_mode", ["static", "per_block"])
+def test_w8a8_fake_quant_output_is_close_to_fp(attention_mode: str) -> None:
     model = tiny_stdit3()
     inputs = _inputs()
     with torch.no_grad():
         reference = model(**inputs)
-    qmodel = wrap_model(model, ADAPTER, _recipe(), [1000.0, 500.0])
+    qmodel = wrap_model(model, ADAPTER, _recipe(attention_mode=attention_mode), [1000.0, 500.0])
     _observe(qmodel, inputs)
     with torch.no_grad():
         out = qmodel(**inputs)
@@ -80,8 +82,12 @@ def test_layer_roles_attention_sites_and_fsc_inside_the_tib() -> None:
     assert model.get_submodule("t_block.1").input_quant.spec.mode == "per_timestep"
     assert model.get_submodule("t_block.1").input_quant.scale.shape == (3,)
     assert model.get_submodule("final_layer.linear").input_quant.spec.mode == "static"
-    assert isinstance(model.get_submodule("temporal_blocks.0.cross_attn.matmul_quant"), QuantAttention)
+    # attention as the runtime's kernel computes it unless the recipe asks for static quantizers
+    assert isinstance(model.get_submodule("temporal_blocks.0.cross_attn.matmul_quant"), KernelAttention)
     assert qmodel.quantized_weight_fraction() == 1.0
+    static = tiny_stdit3()
+    wrap_model(static, ADAPTER, parse_config({"quant": {"attention_mode": "static"}}), [1000.0])
+    assert isinstance(static.get_submodule("temporal_blocks.0.cross_attn.matmul_quant"), QuantAttention)
 
 
 def test_per_block_attention_computes_what_the_int8_kernel_reference_computes() -> None:

@@ -128,9 +128,20 @@ class ToyEvaluator:
         """Toy classifier features (N, D) of videos in [-1, 1]."""
         return self.classifier.features(videos.clamp(-1, 1)).double().numpy()
 
+    @torch.no_grad()
+    def labels(self, features: np.ndarray) -> np.ndarray:
+        """(N, 3) class indices (one column per classifier head: shape, color, direction) of videos
+        with :meth:`features` ``features``."""
+        head_dtype = next(self.classifier.heads.parameters()).dtype
+        f = torch.from_numpy(features).to(head_dtype)
+        return np.stack([head(f).argmax(-1).numpy() for head in self.classifier.heads.values()], axis=1)
+
     def score(self, latents: torch.Tensor, fp_latents: torch.Tensor, fp_features: np.ndarray) -> dict[str, float]:
-        """fvd, fvd_fp and psnr_fp of ``latents``, plus two diagnostics of ``fvd_fp``: its mean
-        term ``fvd_fp_mean_term`` and the paired ``feature_error_fp`` (:func:`paired_feature_error`)."""
+        """fvd, fvd_fp and psnr_fp of ``latents``, plus three diagnostics of ``fvd_fp``: its mean
+        term ``fvd_fp_mean_term``, the paired ``feature_error_fp`` (:func:`paired_feature_error`) and
+        ``label_flips_fp``, the share of videos whose shape, color or direction the classifier reads
+        otherwise than in the FP video of the same caption and seed (a discrete change, where the
+        other two measure how far features move)."""
         from tfmq_video.toy.data import tensor_to_clips
 
         feats = self.features(latents)
@@ -143,6 +154,7 @@ class ToyEvaluator:
             "psnr_fp": float(np.mean(finite)) if finite else None,  # type: ignore[dict-item]
             "fvd_fp_mean_term": float(np.sum((feats.mean(0) - fp_features.mean(0)) ** 2)),
             "feature_error_fp": paired_feature_error(feats, fp_features),
+            "label_flips_fp": float(np.mean(np.any(self.labels(feats) != self.labels(fp_features), axis=1))),
         }
 
 

@@ -71,17 +71,20 @@ class ActivationConfig(_Section):
 class QuantConfig(_Section):
     """What is quantized: weights, activations, attention matmul inputs; layers kept FP by name pattern.
 
-    ``attention_mode`` (with ``quantize_attention``): ``static`` quantizes q, k, v and the softmax
-    probabilities with the activation settings (one calibrated range each: Q-Diffusion's
-    treatment); ``per_block`` models the runtime's INT8 attention kernel instead (int8 Q/K with a
-    scale per tile computed at run time, P·V in fp16), so calibration sees the attention error
-    that a GPU deployment has. Its bits are the kernel's 8 whatever ``activation.bits`` is.
+    ``attention_mode`` (with ``quantize_attention``): ``per_block`` (the default) models the
+    runtime's INT8 attention kernel (int8 Q/K with a scale per tile computed at run time, P·V in
+    fp16), so calibration sees the attention error that a GPU deployment has (and a smaller one
+    than a CPU deployment, which runs FP attention, has none); its bits are the kernel's 8 whatever
+    ``activation.bits`` is. ``static`` quantizes q, k, v and the softmax probabilities with the
+    activation settings (one calibrated range each: Q-Diffusion's treatment). Those quantizers are
+    not exported, as no runtime computes attention that way; the recipes of the results recorded
+    before session 17 set it explicitly.
     """
 
     weight: WeightConfig = WeightConfig()
     activation: ActivationConfig = ActivationConfig()
     quantize_attention: bool = True
-    attention_mode: Literal["static", "per_block"] = "static"
+    attention_mode: Literal["static", "per_block"] = "per_block"
     keep_fp: tuple[str, ...] = ()
 
 
