@@ -133,7 +133,32 @@ def test_label_flips_count_videos_the_classifier_reads_otherwise() -> None:
     flipped = videos.flip(-1)  # mirrored left-right: a left/right moving clip now moves the other way
     expected = float(np.mean(np.any(evaluator.labels(evaluator.features(flipped)) != read, axis=1)))
     assert expected > 0
-    assert evaluator.score(flipped, videos, feats)["label_flips_fp"] == pytest.approx(expected)
+    scores = evaluator.score(flipped, videos, feats)
+    assert scores["label_flips_fp"] == pytest.approx(expected)
+    flipped_read = evaluator.labels(evaluator.features(flipped))
+    for i, head in enumerate(("shape", "color", "direction")):
+        assert scores[f"label_flips_fp_{head}"] == pytest.approx(float(np.mean(flipped_read[:, i] != read[:, i])))
+    assert scores["label_flips_fp_direction"] > 0  # mirroring reverses left/right motion
+    assert evaluator.score(videos, videos, feats)["mean_term_share_flipped"] == 0.0
+
+
+def test_mean_shift_share_splits_the_mean_term_over_videos() -> None:
+    import numpy as np
+
+    from tfmq_video.calib.quality import mean_shift_share
+
+    reference = np.random.default_rng(0).normal(size=(4, 3))
+    moved = reference.copy()
+    moved[1] += [2.0, 0.0, 0.0]  # only video 1 moves: it carries the whole shift
+    everyone = np.ones(4, dtype=bool)
+    only = np.array([False, True, False, False])
+    assert mean_shift_share(moved, reference, only) == pytest.approx(1.0)
+    assert mean_shift_share(moved, reference, ~only) == pytest.approx(0.0)
+    moved[2] += [-1.0, 0.0, 0.0]  # video 2 moves against the common shift: a negative part
+    assert mean_shift_share(moved, reference, only) == pytest.approx(2.0)
+    assert mean_shift_share(moved, reference, np.array([False, False, True, False])) == pytest.approx(-1.0)
+    assert mean_shift_share(moved, reference, everyone) == pytest.approx(1.0)
+    assert mean_shift_share(reference, reference, everyone) == 0.0
 
 
 def test_paired_feature_error_is_zero_for_identical_and_about_two_for_independent_sets() -> None:
@@ -146,3 +171,45 @@ def test_paired_feature_error_is_zero_for_identical_and_about_two_for_independen
     assert paired_feature_error(reference, reference) == 0.0
     assert paired_feature_error(rng.normal(size=(4000, 8)), reference) == pytest.approx(2.0, rel=0.05)
     assert paired_feature_error(reference + 0.1, reference) == pytest.approx(8 * 0.1**2 / 8, rel=0.1)  # shift^2 summed over 8 dims / spread 8
+
+
+def test_flip_anatomy_splits_the_mean_term_and_names_the_flips(tmp_path: Path) -> None:
+    """``tools/flip_anatomy.py``: per-video parts sum to 1, the flipped videos are the ones the
+    classifier reads otherwise, the transitions name them, and the strip is a real PNG."""
+    import importlib.util
+
+    import numpy as np
+    from PIL import Image
+
+    from tfmq_video.calib.quality import ToyEvaluator, mean_shift_share
+    from tfmq_video.toy.data import clips_to_tensor, make_clips
+
+    tool = Path(__file__).resolve().parents[1] / "tools" / "flip_anatomy.py"
+    spec = importlib.util.spec_from_file_location("flip_anatomy", tool)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    evaluator = ToyEvaluator(6, seed=0)
+    clips, _ = make_clips(3, 6)
+    fp = clips_to_tensor(clips)
+    quantized = fp.clone()
+    quantized[:3] = fp[:3].flip(-1)  # mirror three videos: left/right motion reverses
+    fp_feats, feats = evaluator.features(fp), evaluator.features(quantized)
+    result = module.anatomy(evaluator, feats, fp_feats, top=4)
+    differs = evaluator.labels(feats) != evaluator.labels(fp_feats)
+    flipped = differs.any(axis=1)
+    assert result["flips"] == int(flipped.sum()) > 0
+    assert sum(result["flips_by_head"].values()) == int(differs.sum()) == sum(result["transitions"].values())
+    assert all(" -> " in name for name in result["transitions"])
+    assert module.video_parts(feats, fp_feats).sum() == pytest.approx(1.0)
+    assert result["mean_term_share_flipped"] == pytest.approx(mean_shift_share(feats, fp_feats, flipped))
+    assert len(result["top_videos"]) == 4
+    parts = [video["mean_term_part"] for video in result["top_videos"]]
+    assert parts == sorted(parts, reverse=True)
+    asked = module.caption_labels(evaluator.captions)
+    assert result["caption_match"] == pytest.approx(np.mean(np.all(evaluator.labels(feats) == asked, axis=1)))
+    strip = module.write_strip(tmp_path / "s.png", quantized, fp, result["top_videos"], "W4A8")
+    with Image.open(strip) as image:
+        assert image.size[1] > 8 * 64  # two rows per listed video, each at least 64 pixels high
+    with pytest.raises(Exception, match="METHOD:SEED"):
+        module.parse_run("nomethod:1")
+    assert module.parse_run("tfmq:5") == ("tfmq", 5)

@@ -141,7 +141,8 @@ class ToyEvaluator:
         term ``fvd_fp_mean_term``, the paired ``feature_error_fp`` (:func:`paired_feature_error`) and
         ``label_flips_fp``, the share of videos whose shape, color or direction the classifier reads
         otherwise than in the FP video of the same caption and seed (a discrete change, where the
-        other two measure how far features move)."""
+        other two measure how far features move), with its split by head and the flipped videos'
+        share of the mean term (:meth:`flip_scores`)."""
         from tfmq_video.toy.data import tensor_to_clips
 
         feats = self.features(latents)
@@ -154,8 +155,37 @@ class ToyEvaluator:
             "psnr_fp": float(np.mean(finite)) if finite else None,  # type: ignore[dict-item]
             "fvd_fp_mean_term": float(np.sum((feats.mean(0) - fp_features.mean(0)) ** 2)),
             "feature_error_fp": paired_feature_error(feats, fp_features),
-            "label_flips_fp": float(np.mean(np.any(self.labels(feats) != self.labels(fp_features), axis=1))),
+            **self.flip_scores(feats, fp_features),
         }
+
+    def flip_scores(self, feats: np.ndarray, fp_features: np.ndarray) -> dict[str, float]:
+        """``label_flips_fp`` (share of videos read otherwise than their FP twin by any head),
+        ``label_flips_fp_{head}`` per classifier head, and ``mean_term_share_flipped``: the share of
+        the mean term of ``fvd_fp`` that the flipped videos carry (:func:`mean_shift_share`)."""
+        from tfmq_video.toy.classifier import HEADS
+
+        differs = self.labels(feats) != self.labels(fp_features)
+        flipped = np.any(differs, axis=1)
+        scores = {"label_flips_fp": float(np.mean(flipped))}
+        scores.update({f"label_flips_fp_{head}": float(np.mean(differs[:, i])) for i, head in enumerate(HEADS)})
+        scores["mean_term_share_flipped"] = mean_shift_share(feats, fp_features, flipped)
+        return scores
+
+
+def mean_shift_share(features: np.ndarray, reference: np.ndarray, members: np.ndarray) -> float:
+    """Share of ``fvd_fp``'s mean term carried by the videos ``members`` (boolean mask over rows).
+
+    Features and reference are paired (same caption and seed), so the mean shift
+    ``d = mean(features) - mean(reference)`` is the mean of the per-video differences, and the
+    mean term ``|d|^2`` splits exactly into per-video parts ``<delta_i, d> / N``. This returns the
+    members' parts over ``|d|^2``: 1 when they carry all of it, 0 when none; a part can be
+    negative (a video that moved against the common shift). 0 when there is no shift."""
+    deltas = features - reference
+    shift = deltas.mean(0)
+    total = float(np.sum(shift**2))
+    if total <= 0.0:
+        return 0.0
+    return float(np.sum(deltas[members] @ shift) / len(deltas) / total)
 
 
 def paired_feature_error(features: np.ndarray, reference: np.ndarray) -> float:

@@ -37,7 +37,8 @@ from tfmq_video.errors import ConfigError
 # metric -> whether a lower value is better
 METRIC_DIRECTION: dict[str, bool] = {"fvd": True, "fvd_fp": True, "psnr_fp": False, "feature_error_fp": True,
                                      "fvd_fp_mean_term": True, "label_flips_fp": True,
-                                     "temporal_feature_error": True}
+                                     "label_flips_fp_shape": True, "label_flips_fp_color": True,
+                                     "label_flips_fp_direction": True, "temporal_feature_error": True}
 FP_METHODS = ("fp", "fp-reseed")
 # the same FP videos scored in two processes agree to about 1e-7 (the matrix square root of FVD
 # and threaded BLAS sums are not bit-reproducible); other videos differ in the second digit
