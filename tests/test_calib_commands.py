@@ -213,3 +213,28 @@ def test_flip_anatomy_splits_the_mean_term_and_names_the_flips(tmp_path: Path) -
     with pytest.raises(Exception, match="METHOD:SEED"):
         module.parse_run("nomethod:1")
     assert module.parse_run("tfmq:5") == ("tfmq", 5)
+
+
+def test_guidance_error_study_measures_what_guidance_amplifies() -> None:
+    """``tools/guidance_error_study.py``: an error shared by both halves leaves the difference exact
+    and is not amplified; an error in one half is multiplied by the scale in the guided output."""
+    import importlib.util
+
+    import torch
+
+    tool = Path(__file__).resolve().parents[1] / "tools" / "guidance_error_study.py"
+    spec = importlib.util.spec_from_file_location("guidance_error_study", tool)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    fp = torch.stack([torch.ones(8), torch.ones(8) * 1.5])  # uncond, cond: difference energy 0.25 / 2.25 of cond
+    shared = module.guidance_errors(fp + 0.1, fp, scale=4.0)
+    assert shared["difference"] == 0.0 and shared["difference_energy"] == pytest.approx(0.25 / 2.25)
+    assert shared["guided"] == pytest.approx(0.01 / 3.0**2)  # guided FP output: 1 + 4 * 0.5 = 3
+    one_half = fp.clone()
+    one_half[1] += 0.1  # only cond is off: the guided output is off by 4 * 0.1
+    errors = module.guidance_errors(one_half, fp, scale=4.0)
+    assert errors["uncond"] == 0.0 and errors["cond"] == pytest.approx(0.01 / 1.5**2)
+    assert errors["difference"] == pytest.approx(0.01 / 0.5**2) and errors["guided"] == pytest.approx(0.16 / 9.0)
+    assert module.parse_run("tfmq:3:4") == ("tfmq", 3, 4.0)
+    with pytest.raises(Exception, match="METHOD:SEED:GUIDANCE_SCALE"):
+        module.parse_run("tfmq:3")

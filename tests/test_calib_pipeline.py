@@ -389,3 +389,79 @@ def test_grafted_tib_serves_the_donor_features_and_keeps_the_blocks(tfmq_model, 
     other = tfmq_video.quantize(model, "opensora-stdit3", tiny_calibration(model, steps=[0, 1]), FAST)
     with pytest.raises(ConfigError, match="other timesteps"):
         graft_tib(tfmq_model, other.model, other.temporal_cache)
+
+
+def one_row_per_call(calibration: CalibrationSet) -> CalibrationSet:
+    """The calibration set with only the first row of every call (no guidance pairs left)."""
+    def first(value):
+        return value[:1] if torch.is_tensor(value) and value.dim() and len(value) > 1 else value
+
+    return CalibrationSet(calibration.timesteps, [
+        type(call)(call.step, tuple(first(v) for v in call.args), {k: first(v) for k, v in call.kwargs.items()})
+        for call in calibration.calls])
+
+
+def test_guidance_pairs_are_the_two_halves_of_each_guided_call(calibration: CalibrationSet) -> None:
+    from tfmq_video.calib.reconstruction import guidance_pairs, pairs_within, subsample_pairs
+
+    pairs = guidance_pairs(calibration)
+    rows = torch.cat([call.args[0] for call in calibration.calls])
+    assert len(pairs) == len(rows) // 2  # every recorded call holds both guidance halves
+    for a, b in pairs.tolist():
+        assert torch.equal(rows[a], rows[b]) and a != b
+    y = torch.cat([call.kwargs["y"] for call in calibration.calls])
+    assert all(not torch.equal(y[a], y[b]) for a, b in pairs.tolist())  # caption against null caption
+    assert guidance_pairs(one_row_per_call(calibration)).shape == (0, 2)
+    chosen = subsample_pairs(pairs, 4, seed=0)
+    assert chosen.shape == (2, 2) and all(p in pairs.tolist() for p in chosen.tolist())
+    keep = torch.tensor([int(pairs[0, 0]), int(pairs[0, 1]), int(pairs[1, 0])])
+    assert pairs_within(pairs, keep).tolist() == [[0, 1]]  # the second pair lost a row
+
+
+def test_guided_error_averages_both_orders_of_each_pair() -> None:
+    from tfmq_video.calib.reconstruction import guided_error
+
+    generator = torch.Generator().manual_seed(0)
+    target = torch.randn(4, 3, 5, generator=generator)
+    output = target + 0.1 * torch.randn(4, 3, 5, generator=generator)
+    scale = 4.0
+
+    def guided(rows: torch.Tensor, first: int, second: int) -> torch.Tensor:
+        return rows[first::2] + scale * (rows[second::2] - rows[first::2])
+
+    both = [(guided(output, i, j) - guided(target, i, j)).pow(2).sum() for i, j in ((0, 1), (1, 0))]
+    # the average over orders of |guided error|^2, over the mean energy of a pair's two rows
+    assert float(guided_error(output, target, scale)) == pytest.approx(float(sum(both) / target.pow(2).sum()))
+    same_error = target + 0.1  # equal errors within each pair: guidance does not amplify them
+    assert float(guided_error(same_error, target, scale)) == pytest.approx(
+        float((same_error - target).pow(2).sum() / target.pow(2).sum()))
+
+
+def test_guidance_scale_lowers_the_error_of_guidance_differences(model: torch.nn.Module,
+                                                                calibration: CalibrationSet) -> None:
+    """The guided loss trades some row error for a smaller error in what guidance amplifies."""
+    def recipe(scale: float) -> RecipeConfig:
+        return method_recipe("qdiffusion", 4, 8, FAST.model_copy(update={
+            "reconstruction": FAST.reconstruction.model_copy(update={"guidance_scale": scale, "iterations": 40,
+                                                                     "batch_size": 4})}))
+
+    plain = tfmq_video.quantize(model, "opensora-stdit3", calibration, recipe(0.0))
+    guided = tfmq_video.quantize(model, "opensora-stdit3", calibration, recipe(4.0))
+    head = plain.adapter.head_name(model)
+    plain_err = plain.report["reconstruction"]["blocks"][head]["guidance_difference_error"]
+    guided_err = guided.report["reconstruction"]["blocks"][head]["guidance_difference_error"]
+    assert plain_err is not None and guided_err < plain_err
+    reference = sample_tiny(guided, seed=3)
+    assert torch.isfinite(reference).all()
+
+
+def test_guidance_scale_needs_guidance_pairs(model: torch.nn.Module, calibration: CalibrationSet) -> None:
+    unguided = one_row_per_call(calibration)
+    recipe = FAST.model_copy(update={"reconstruction": FAST.reconstruction.model_copy(update={"guidance_scale": 4.0})})
+    with pytest.raises(ConfigError, match="guidance_scale: 0"):
+        tfmq_video.quantize(model, "opensora-stdit3", unguided, method_recipe("qdiffusion", 4, 8, recipe))
+    from tfmq_video.quant.config import parse_config
+
+    for bad in (-1, 0.5, 1):
+        with pytest.raises(ConfigError, match="guidance_scale"):
+            parse_config({"reconstruction": {"guidance_scale": bad}})

@@ -26,6 +26,7 @@ from tfmq_video.calib.observe import recording_layer_io
 from tfmq_video.calib.optimize import RoundingSchedule, optimize_rounding, relative_error
 from tfmq_video.calib.recorder import CalibrationSet
 from tfmq_video.devices import model_device
+from tfmq_video.errors import ConfigError
 from tfmq_video.quant.config import RecipeConfig
 from tfmq_video.quant.model import QuantizedModel
 from tfmq_video.quant.modules import QuantConv, QuantWeightLayer, activation_quantizers
@@ -132,21 +133,83 @@ def run_rows(runner: UnitRunner, block: nn.Module, batch: BlockBatch, chunk: int
 
 
 def block_loss(runner: UnitRunner, block: nn.Module, rows: BlockBatch, target: torch.Tensor, context: StepContext,
-               generator: torch.Generator, batch_size: int) -> Callable[[int], torch.Tensor]:
+               generator: torch.Generator, batch_size: int, pairs: torch.Tensor | None = None,
+               guidance_scale: float = 0.0) -> Callable[[int], torch.Tensor]:
     """The reconstruction loss of ``block`` on a random minibatch of ``rows`` per call (the
-    minibatch moves to the block's device)."""
+    minibatch moves to the block's device). With ``pairs`` ((P, 2) row indices of guidance pairs)
+    and ``guidance_scale`` s > 1, a minibatch is ``batch_size // 2`` whole pairs (at least one)
+    and the loss is :func:`guided_error`."""
     device = model_device(block)
+    paired = pairs is not None and len(pairs) > 0 and guidance_scale > 1
 
     def loss(_: int) -> torch.Tensor:
-        index = torch.randperm(len(rows), generator=generator)[:batch_size]
+        if paired:
+            chosen = torch.randperm(len(pairs), generator=generator)[:max(1, batch_size // 2)]
+            index = pairs[chosen].reshape(-1)  # a0, b0, a1, b1, ...
+        else:
+            index = torch.randperm(len(rows), generator=generator)[:batch_size]
         batch = rows.select(index).to(device)
         context.row_indices = batch.steps
         try:
-            return relative_error(runner(block, batch), target[index].to(device))
+            output, wanted = runner(block, batch), target[index].to(device)
         finally:
             context.row_indices = None
+        return guided_error(output, wanted, guidance_scale) if paired else relative_error(output, wanted)
 
     return loss
+
+
+def guided_error(output: torch.Tensor, target: torch.Tensor, scale: float) -> torch.Tensor:
+    """Relative error of the guided combinations ``a + s (b - a)`` of rows paired as (0, 1),
+    (2, 3), ..., averaged over both orders of each pair (which half of a pair is conditional is the
+    sampler's convention, unknown here). With ``e`` the error of a row, that average is
+    ``(|e_a|^2 + |e_b|^2) / 2 + (s^2 - s) |e_a - e_b|^2`` per pair; over the mean energy of the
+    pairs' rows, ``(|t_a|^2 + |t_b|^2) / 2``, it is the rows' relative error plus
+    ``2 (s^2 - s) |e_a - e_b|^2 / |target|^2``."""
+    error = output - target
+    difference = (error[0::2] - error[1::2]).pow(2).sum()
+    return (error.pow(2).sum() + 2 * (scale**2 - scale) * difference) / target.pow(2).sum().clamp_min(1e-12)
+
+
+def guidance_pairs(calibration: CalibrationSet) -> torch.Tensor:
+    """(P, 2) indices of the guidance pairs among the rows of all calls stacked in order (as
+    :func:`embed_calls` stacks them): in a call of 2B samples whose two halves hold equal samples
+    (``args[0]``: how every classifier-free-guidance sampler batches its conditional and
+    unconditional pass), row i pairs with row B + i. Which half is conditional does not matter to
+    a loss on the pair's difference. (0, 2) when no call has such halves."""
+    pairs, offset = [], 0
+    for call in calibration.calls:
+        sample = call.args[0]
+        count = len(sample)
+        half = count // 2
+        if count and count % 2 == 0 and torch.equal(sample[:half], sample[half:]):
+            first = torch.arange(half) + offset
+            pairs.append(torch.stack([first, first + half], dim=1))
+        offset += count
+    return torch.cat(pairs) if pairs else torch.zeros(0, 2, dtype=torch.long)
+
+
+def subsample_pairs(pairs: torch.Tensor, max_rows: int | None, seed: int) -> torch.Tensor:
+    """At most ``max_rows // 2`` of ``pairs`` (at least one), spread uniformly at random."""
+    return pairs[subsample_rows(len(pairs), None if max_rows is None else max(1, max_rows // 2), seed)]
+
+
+def pairs_within(pairs: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """The pairs whose two rows are both in ``keep``, as positions in ``keep``."""
+    if not len(pairs) or not len(keep):
+        return torch.zeros(0, 2, dtype=torch.long)
+    position = torch.full((int(max(pairs.max(), keep.max())) + 1,), -1, dtype=torch.long)
+    position[keep] = torch.arange(len(keep))
+    local = position[pairs]
+    return local[(local >= 0).all(dim=1)]
+
+
+def difference_error(output: torch.Tensor, target: torch.Tensor, pairs: torch.Tensor) -> float | None:
+    """Relative error of the pairs' output differences (None without pairs)."""
+    if not len(pairs):
+        return None
+    a, b = pairs[:, 0], pairs[:, 1]
+    return float(relative_error(output[a] - output[b], target[a] - target[b]))
 
 
 def subsample_rows(count: int, max_rows: int | None, seed: int) -> torch.Tensor:
@@ -240,6 +303,24 @@ def correct_biases(runner: UnitRunner, q_block: nn.Module, fp_block: nn.Module, 
     return shifts
 
 
+def reconstruction_rows(calibration: CalibrationSet, count: int, recipe: RecipeConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """The rows (of ``count`` stacked rows) that block reconstruction keeps, and the guidance pairs
+    among them as positions in that selection. Without ``guidance_scale`` rows are drawn one by one
+    (:func:`subsample_rows`); with it, whole pairs (:func:`subsample_pairs`), and a calibration set
+    without guidance pairs is an error."""
+    pairs = guidance_pairs(calibration)
+    max_rows, seed = recipe.calibration.max_rows, recipe.seed
+    if recipe.reconstruction.guidance_scale <= 0:
+        keep = subsample_rows(count, max_rows, seed)
+        return keep, pairs_within(pairs, keep)
+    if not len(pairs):
+        raise ConfigError("reconstruction.guidance_scale needs guidance pairs in the calibration set (calls "
+                          "holding the same samples twice, conditional and unconditional), and none has them: "
+                          "record with classifier-free guidance or set reconstruction.guidance_scale: 0")
+    chosen = subsample_pairs(pairs, max_rows, seed)
+    return chosen.reshape(-1), torch.arange(2 * len(chosen)).reshape(-1, 2)
+
+
 def reconstruct_blocks(
     qmodel: QuantizedModel, fp_model: nn.Module, calibration: CalibrationSet, recipe: RecipeConfig,
 ) -> dict[str, Any]:
@@ -252,7 +333,7 @@ def reconstruct_blocks(
     embeddings = reconstruct_embeddings(qmodel, fp_model, calibration, recipe, schedule, generator)
     fp_rows = embed_calls(adapter, fp_model, calibration, None)
     q_rows = embed_calls(adapter, qmodel.model, calibration, context)
-    keep = subsample_rows(len(fp_rows), recipe.calibration.max_rows, recipe.seed)
+    keep, pairs = reconstruction_rows(calibration, len(fp_rows), recipe)
     fp_rows, q_rows = fp_rows.select(keep), q_rows.select(keep)
     chunk = recipe.calibration.batch_size
     store_bytes = 2 * fp_rows.hidden.numel() * fp_rows.hidden.element_size()
@@ -267,7 +348,8 @@ def reconstruct_blocks(
         q_block = qmodel.model.get_submodule(name)
         target = run_rows(runner, fp_model.get_submodule(name), fp_rows, chunk, None)
         layers = unit_layers(qmodel, name)
-        loss = block_loss(runner, q_block, q_rows, target, context, generator, cfg.batch_size)
+        loss = block_loss(runner, q_block, q_rows, target, context, generator, cfg.batch_size, pairs,
+                          cfg.guidance_scale)
         losses = optimize_rounding(list(layers.values()), unit_activation_quantizers(qmodel, name), loss, schedule,
                                    name, recipe.progress)
         entry: dict[str, Any] = {"first_loss": losses[0] if losses else None,
@@ -279,6 +361,7 @@ def reconstruct_blocks(
                                                   chunk, context, layers)
         q_out = run_rows(runner, q_block, q_rows, chunk, context)
         entry["output_error"] = float(relative_error(q_out, target))
+        entry["guidance_difference_error"] = difference_error(q_out, target, pairs)
         entry["seconds"] = time.perf_counter() - start
         report["blocks"][name] = entry
         if name != head:

@@ -153,6 +153,15 @@ class ReconstructionConfig(_Section):
     the quantized layer's output on the quantized stream (per output channel, over every
     calibration row and token), so the unit's error has no common offset left; layers without a
     bias are left as they are.
+
+    ``guidance_scale``: reconstruct what a classifier-free-guidance sampler uses. It steps along
+    ``uncond + s * (cond - uncond)``, so an error in the difference of a guidance pair's outputs is
+    multiplied by ``s``; that difference, a small part of either output, carries what the caption
+    asks for. With s > 1 every minibatch is whole guidance pairs (the two halves of a recorded
+    call whose samples are equal, as every guidance sampler batches them) and the loss is the
+    relative error of the guided combination, averaged over the two ways of ordering a pair (which
+    half is conditional differs between samplers): the rows' relative error plus
+    ``2 (s^2 - s) |e_a - e_b|^2 / |target|^2``. Set it to the sampler's guidance scale; 0: off.
     """
 
     enabled: bool = True
@@ -166,6 +175,15 @@ class ReconstructionConfig(_Section):
     beta_start: float = Field(20.0, gt=0)
     beta_end: float = Field(2.0, gt=0)
     bias_correction: bool = False
+    guidance_scale: float = Field(0.0, ge=0)
+
+    @field_validator("guidance_scale")
+    @classmethod
+    def _guidance(cls, value: float) -> float:
+        if 0 < value <= 1:
+            raise ValueError("guidance_scale must be 0 (off) or the sampler's guidance scale, above 1 (at s <= 1 "
+                             "guidance does not amplify the difference of a pair)")
+        return value
 
 
 class TextEncoderConfig(_Section):
