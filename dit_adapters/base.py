@@ -184,6 +184,12 @@ class DiTAdapter(ABC):
             return sample
         raise TypeError(f"{type(self).__name__}: cannot find the prediction in a {type(output).__name__} result")
 
+    def prediction_tokens(self, batch: BlockBatch) -> slice:
+        """The tokens (dim 1) of a block's output that the model's prediction is made from: all of
+        them by default; a joint text + video stream keeps its video tokens. Guidance-aware
+        reconstruction combines these alone (the text halves of a guidance pair differ by design)."""
+        return slice(None)
+
     def head_name(self, model: nn.Module) -> str | None:
         """Module name of the output layer run after the last block (reconstructed like a block), if any."""
         return None

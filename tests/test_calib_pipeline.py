@@ -432,6 +432,12 @@ def test_guided_error_averages_both_orders_of_each_pair() -> None:
     both = [(guided(output, i, j) - guided(target, i, j)).pow(2).sum() for i, j in ((0, 1), (1, 0))]
     # the average over orders of |guided error|^2, over the mean energy of a pair's two rows
     assert float(guided_error(output, target, scale)) == pytest.approx(float(sum(both) / target.pow(2).sum()))
+    head_tokens = slice(1, None)  # guidance combines tokens 1.. alone: token 0 counts with its rows' error only
+    only_token0 = target.clone()
+    only_token0[1::2, 0] += 0.1
+    assert float(guided_error(only_token0, target, scale, head_tokens)) == pytest.approx(
+        float((only_token0 - target).pow(2).sum() / target.pow(2).sum()))
+    assert float(guided_error(only_token0, target, scale)) > float(guided_error(only_token0, target, scale, head_tokens))
     same_error = target + 0.1  # equal errors within each pair: guidance does not amplify them
     assert float(guided_error(same_error, target, scale)) == pytest.approx(
         float((same_error - target).pow(2).sum() / target.pow(2).sum()))

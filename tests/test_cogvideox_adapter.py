@@ -286,3 +286,21 @@ def test_ofs_models_are_refused() -> None:
 
     with pytest.raises(ConfigError, match="ofs embedding"):
         ADAPTER.build_model({**TINY_COGVIDEOX, "ofs_embed_dim": 32})
+
+
+def test_guided_reconstruction_combines_the_video_tokens(cog: torch.nn.Module, cog_calibration: CalibrationSet) -> None:
+    """The pipeline batches (uncond, cond) halves: every call gives guidance pairs, and guidance
+    combines the video tokens alone (the text halves are caption against null caption)."""
+    from tfmq_video.calib.reconstruction import embed_calls, guidance_pairs
+
+    pairs = guidance_pairs(cog_calibration)
+    assert len(pairs) == sum(len(call.args[0]) for call in cog_calibration.calls) // 2
+    rows = embed_calls(ADAPTER, cog, cog_calibration, None)
+    text_length = cog_calibration.calls[0].args[1].shape[1]  # encoder_hidden_states (B, L, D)
+    assert ADAPTER.prediction_tokens(rows) == slice(text_length, None)
+    recipe = method_recipe("qdiffusion", 4, 8, FAST.model_copy(update={"reconstruction": FAST.reconstruction.model_copy(
+        update={"guidance_scale": 4.0})}))
+    qmodel = tfmq_video.quantize(cog, "cogvideox", cog_calibration, recipe)
+    blocks = qmodel.report["reconstruction"]["blocks"]
+    assert set(blocks) == set(ADAPTER.block_names(cog))
+    assert all(0 < entry["guidance_difference_error"] < 10 for entry in blocks.values())

@@ -201,6 +201,10 @@ class CogVideoXAdapter(DiTAdapter):
         static = {"text_length": text.shape[1], "image_rotary_emb": _argument(args, kwargs, "image_rotary_emb")}
         return BlockBatch(tokens, {"temb": emb}, static)
 
+    def prediction_tokens(self, batch: BlockBatch) -> slice:
+        """The video tokens, after the text (the prediction is made from them alone)."""
+        return slice(batch.static["text_length"], None)
+
     def run_block(self, block: nn.Module, batch: BlockBatch) -> torch.Tensor:
         """The block's text + video tokens (one stream)."""
         text_length = batch.static["text_length"]

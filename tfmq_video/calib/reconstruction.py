@@ -134,11 +134,11 @@ def run_rows(runner: UnitRunner, block: nn.Module, batch: BlockBatch, chunk: int
 
 def block_loss(runner: UnitRunner, block: nn.Module, rows: BlockBatch, target: torch.Tensor, context: StepContext,
                generator: torch.Generator, batch_size: int, pairs: torch.Tensor | None = None,
-               guidance_scale: float = 0.0) -> Callable[[int], torch.Tensor]:
+               guidance_scale: float = 0.0, tokens: slice = slice(None)) -> Callable[[int], torch.Tensor]:
     """The reconstruction loss of ``block`` on a random minibatch of ``rows`` per call (the
     minibatch moves to the block's device). With ``pairs`` ((P, 2) row indices of guidance pairs)
     and ``guidance_scale`` s > 1, a minibatch is ``batch_size // 2`` whole pairs (at least one)
-    and the loss is :func:`guided_error`."""
+    and the loss is :func:`guided_error` (guidance combining the output ``tokens``)."""
     device = model_device(block)
     paired = pairs is not None and len(pairs) > 0 and guidance_scale > 1
 
@@ -154,20 +154,21 @@ def block_loss(runner: UnitRunner, block: nn.Module, rows: BlockBatch, target: t
             output, wanted = runner(block, batch), target[index].to(device)
         finally:
             context.row_indices = None
-        return guided_error(output, wanted, guidance_scale) if paired else relative_error(output, wanted)
+        return guided_error(output, wanted, guidance_scale, tokens) if paired else relative_error(output, wanted)
 
     return loss
 
 
-def guided_error(output: torch.Tensor, target: torch.Tensor, scale: float) -> torch.Tensor:
+def guided_error(output: torch.Tensor, target: torch.Tensor, scale: float, tokens: slice = slice(None)) -> torch.Tensor:
     """Relative error of the guided combinations ``a + s (b - a)`` of rows paired as (0, 1),
     (2, 3), ..., averaged over both orders of each pair (which half of a pair is conditional is the
     sampler's convention, unknown here). With ``e`` the error of a row, that average is
     ``(|e_a|^2 + |e_b|^2) / 2 + (s^2 - s) |e_a - e_b|^2`` per pair; over the mean energy of the
     pairs' rows, ``(|t_a|^2 + |t_b|^2) / 2``, it is the rows' relative error plus
-    ``2 (s^2 - s) |e_a - e_b|^2 / |target|^2``."""
+    ``2 (s^2 - s) |e_a - e_b|^2 / |target|^2``. Guidance combines the ``tokens`` (dim 1) alone;
+    the other tokens count with their rows' error."""
     error = output - target
-    difference = (error[0::2] - error[1::2]).pow(2).sum()
+    difference = (error[0::2, tokens] - error[1::2, tokens]).pow(2).sum()
     return (error.pow(2).sum() + 2 * (scale**2 - scale) * difference) / target.pow(2).sum().clamp_min(1e-12)
 
 
@@ -204,12 +205,13 @@ def pairs_within(pairs: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
     return local[(local >= 0).all(dim=1)]
 
 
-def difference_error(output: torch.Tensor, target: torch.Tensor, pairs: torch.Tensor) -> float | None:
-    """Relative error of the pairs' output differences (None without pairs)."""
+def difference_error(output: torch.Tensor, target: torch.Tensor, pairs: torch.Tensor,
+                     tokens: slice = slice(None)) -> float | None:
+    """Relative error of the pairs' output differences over ``tokens`` (dim 1; None without pairs)."""
     if not len(pairs):
         return None
     a, b = pairs[:, 0], pairs[:, 1]
-    return float(relative_error(output[a] - output[b], target[a] - target[b]))
+    return float(relative_error(output[a, tokens] - output[b, tokens], target[a, tokens] - target[b, tokens]))
 
 
 def subsample_rows(count: int, max_rows: int | None, seed: int) -> torch.Tensor:
@@ -336,6 +338,7 @@ def reconstruct_blocks(
     keep, pairs = reconstruction_rows(calibration, len(fp_rows), recipe)
     fp_rows, q_rows = fp_rows.select(keep), q_rows.select(keep)
     chunk = recipe.calibration.batch_size
+    tokens = adapter.prediction_tokens(q_rows)
     store_bytes = 2 * fp_rows.hidden.numel() * fp_rows.hidden.element_size()
     report: dict[str, Any] = {"rows": len(fp_rows), "store_mb": store_bytes / 2**20, "embeddings": embeddings,
                               "blocks": {}}
@@ -349,7 +352,7 @@ def reconstruct_blocks(
         target = run_rows(runner, fp_model.get_submodule(name), fp_rows, chunk, None)
         layers = unit_layers(qmodel, name)
         loss = block_loss(runner, q_block, q_rows, target, context, generator, cfg.batch_size, pairs,
-                          cfg.guidance_scale)
+                          cfg.guidance_scale, tokens)
         losses = optimize_rounding(list(layers.values()), unit_activation_quantizers(qmodel, name), loss, schedule,
                                    name, recipe.progress)
         entry: dict[str, Any] = {"first_loss": losses[0] if losses else None,
@@ -361,7 +364,7 @@ def reconstruct_blocks(
                                                   chunk, context, layers)
         q_out = run_rows(runner, q_block, q_rows, chunk, context)
         entry["output_error"] = float(relative_error(q_out, target))
-        entry["guidance_difference_error"] = difference_error(q_out, target, pairs)
+        entry["guidance_difference_error"] = difference_error(q_out, target, pairs, tokens)
         entry["seconds"] = time.perf_counter() - start
         report["blocks"][name] = entry
         if name != head:
