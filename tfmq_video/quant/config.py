@@ -161,7 +161,9 @@ class ReconstructionConfig(_Section):
     call whose samples are equal, as every guidance sampler batches them) and the loss is the
     relative error of the guided combination, averaged over the two ways of ordering a pair (which
     half is conditional differs between samplers): the rows' relative error plus
-    ``2 (s^2 - s) |e_a - e_b|^2 / |target|^2``. Set it to the sampler's guidance scale; 0: off.
+    ``2 (s^2 - s) |e_a - e_b|^2 / |target|^2``, the difference taken over the tokens the prediction
+    is made from (``DiTAdapter.prediction_tokens``: CogVideoX's video tokens, not its text tokens).
+    Set it to the sampler's guidance scale; 0: off.
     """
 
     enabled: bool = True
