@@ -181,7 +181,7 @@ def test_flip_anatomy_splits_the_mean_term_and_names_the_flips(tmp_path: Path) -
     import numpy as np
     from PIL import Image
 
-    from tfmq_video.calib.quality import ToyEvaluator, mean_shift_share
+    from tfmq_video.calib.quality import ToyEvaluator, mean_shift_share, mean_term_parts
     from tfmq_video.toy.data import clips_to_tensor, make_clips
 
     tool = Path(__file__).resolve().parents[1] / "tools" / "flip_anatomy.py"
@@ -200,7 +200,7 @@ def test_flip_anatomy_splits_the_mean_term_and_names_the_flips(tmp_path: Path) -
     assert result["flips"] == int(flipped.sum()) > 0
     assert sum(result["flips_by_head"].values()) == int(differs.sum()) == sum(result["transitions"].values())
     assert all(" -> " in name for name in result["transitions"])
-    assert module.video_parts(feats, fp_feats).sum() == pytest.approx(1.0)
+    assert mean_term_parts(feats, fp_feats).sum() == pytest.approx(1.0)
     assert result["mean_term_share_flipped"] == pytest.approx(mean_shift_share(feats, fp_feats, flipped))
     assert len(result["top_videos"]) == 4
     parts = [video["mean_term_part"] for video in result["top_videos"]]

@@ -471,3 +471,23 @@ def test_guidance_scale_needs_guidance_pairs(model: torch.nn.Module, calibration
     for bad in (-1, 0.5, 1):
         with pytest.raises(ConfigError, match="guidance_scale"):
             parse_config({"reconstruction": {"guidance_scale": bad}})
+
+
+def test_guidance_error_study_reads_the_halves_in_the_samplers_order(tfmq_model, model: torch.nn.Module,
+                                                                     calibration: CalibrationSet) -> None:
+    """``tools/guidance_error_study.py`` on the tiny STDiT3 (its sampler puts the conditional half
+    first): ``--cond-first`` swaps which half is called cond, and only the guided error depends on it."""
+    import importlib.util
+
+    tool = Path(__file__).resolve().parents[1] / "tools" / "guidance_error_study.py"
+    spec = importlib.util.spec_from_file_location("guidance_error_study", tool)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    as_recorded = module.per_step_errors(tfmq_model, model, calibration, 4.0, cond_first=False)
+    swapped = module.per_step_errors(tfmq_model, model, calibration, 4.0, cond_first=True)
+    assert len(as_recorded) == len(calibration.calls)
+    for a, b in zip(as_recorded, swapped, strict=True):
+        assert a["uncond"] == pytest.approx(b["cond"]) and a["cond"] == pytest.approx(b["uncond"])
+        assert a["difference"] == pytest.approx(b["difference"])
+        assert a["guided"] != pytest.approx(b["guided"])
+        assert 0 < b["guided"] < 1

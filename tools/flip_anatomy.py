@@ -6,7 +6,7 @@ per-call errors and PSNR stay ordinary. This tool calibrates each ``--runs`` ent
 calibration seed, as ``bench quality`` does), generates the evaluation videos and splits that
 shift over the videos:
 
-- per video, its part of the mean term (:func:`tfmq_video.calib.quality.mean_shift_share`: the
+- per video, its part of the mean term (:func:`tfmq_video.calib.quality.mean_term_parts`: the
   parts sum to 1) and whether the classifier reads its shape, color or direction otherwise than in
   the FP video of the same caption and seed (a flip);
 - per run, the flips per head, the transitions (``color: red -> orange``), the flipped videos'
@@ -38,7 +38,7 @@ from dit_adapters.base import get_adapter
 from eval_video._files import write_text_atomic
 from eval_video.io import make_strip, write_png
 from tfmq_video.calib.baselines import METHODS, method_recipe
-from tfmq_video.calib.quality import ToyEvaluator, mean_shift_share
+from tfmq_video.calib.quality import ToyEvaluator, mean_term_parts
 from tfmq_video.calib.recorder import record_recipe_calibration
 from tfmq_video.quant.config import RecipeConfig, load_config
 from tfmq_video.toy.classifier import HEADS
@@ -68,17 +68,12 @@ def caption_labels(captions: list[str]) -> np.ndarray:
     return np.array([by_text[text] for text in captions])
 
 
-def video_parts(feats: np.ndarray, fp_features: np.ndarray) -> np.ndarray:
-    """Each video's part of the mean term of ``fvd_fp`` (they sum to 1; all 0 without a shift)."""
-    return np.array([mean_shift_share(feats, fp_features, np.arange(len(feats)) == i) for i in range(len(feats))])
-
-
 def anatomy(evaluator: ToyEvaluator, feats: np.ndarray, fp_features: np.ndarray, top: int) -> dict[str, Any]:
     """The split of the mean term over videos and the flips (see module docstring)."""
     read, fp_read = evaluator.labels(feats), evaluator.labels(fp_features)
     differs = read != fp_read
     flipped = differs.any(axis=1)
-    parts = video_parts(feats, fp_features)
+    parts = mean_term_parts(feats, fp_features)
     asked = caption_labels(evaluator.captions)
     transitions = Counter(f"{head}: {CLASS_NAMES[head][fp_read[i, h]]} -> {CLASS_NAMES[head][read[i, h]]}"
                           for i in np.flatnonzero(flipped) for h, head in enumerate(HEADS) if differs[i, h])

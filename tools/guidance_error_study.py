@@ -10,7 +10,8 @@ quantized model's outputs with FP's:
 - ``guided``: of ``uncond + s (cond - uncond)`` at the sampler's scale (``--scale``);
 - ``difference_energy``: ``|cond - uncond|^2 / |cond|^2`` of FP, how small the difference is.
 
-The halves are split as the toy CogVideoX sampler batches them (unconditional first).
+The halves are split as the toy CogVideoX sampler batches them (unconditional first); pass
+``--cond-first`` for a sampler that puts the conditional half first (the STDiT3 sampler).
 
     python tools/guidance_error_study.py --config configs/toy_cogvideox_w4a8_per_block.yaml \\
         --runs qdiffusion:2:0 qdiffusion:2:4 --scale 4 --json guidance.json
@@ -68,20 +69,19 @@ def guidance_errors(output: torch.Tensor, fp_output: torch.Tensor, scale: float)
     }
 
 
-def _sample(output: Any) -> torch.Tensor:
-    return output[0] if isinstance(output, tuple) else getattr(output, "sample", output)
-
-
 @torch.no_grad()
-def per_step_errors(qmodel: Any, model: torch.nn.Module, calibration: CalibrationSet, scale: float
-                    ) -> list[dict[str, float]]:
-    """:func:`guidance_errors` of every recorded call, in recording order, with its step."""
+def per_step_errors(qmodel: Any, model: torch.nn.Module, calibration: CalibrationSet, scale: float,
+                    cond_first: bool = False) -> list[dict[str, float]]:
+    """:func:`guidance_errors` of every recorded call, in recording order, with its step
+    (``cond_first``: the sampler batches the conditional half first, as Open-Sora's does)."""
     rows = []
     for call in calibration.calls:
         args, kwargs = call.on("cpu")
         qmodel.context.set_index(call.step)
-        rows.append({"step": call.step, **guidance_errors(_sample(qmodel(*args, **kwargs)),
-                                                          _sample(model(*args, **kwargs)), scale)})
+        outputs = [qmodel.adapter.output_tensor(m(*args, **kwargs)) for m in (qmodel, model)]
+        if cond_first:
+            outputs = [torch.cat(out.chunk(2)[::-1]) for out in outputs]
+        rows.append({"step": call.step, **guidance_errors(*outputs, scale)})
     return rows
 
 
@@ -93,13 +93,13 @@ def summary(rows: list[dict[str, float]], early: int) -> dict[str, float]:
 
 
 def run(model: torch.nn.Module, calibration: CalibrationSet, base: RecipeConfig, method: str, seed: int,
-        guidance_scale: float, scale: float) -> dict[str, Any]:
+        guidance_scale: float, scale: float, cond_first: bool) -> dict[str, Any]:
     """Calibrate one entry and measure it."""
     reconstruction = base.reconstruction.model_copy(update={"guidance_scale": guidance_scale})
     recipe = method_recipe(method, base.quant.weight.bits, base.quant.activation.bits,
                            base.model_copy(update={"seed": seed, "reconstruction": reconstruction}))
     qmodel = tfmq_video.quantize(model, base.model.adapter, calibration, recipe)
-    rows = per_step_errors(qmodel, model, calibration, scale)
+    rows = per_step_errors(qmodel, model, calibration, scale, cond_first)
     return {"method": method, "calib_seed": seed, "guidance_scale": guidance_scale, **summary(rows, 5),
             "calls": rows}
 
@@ -109,6 +109,9 @@ def main() -> None:
     parser.add_argument("--config", type=Path, required=True)
     parser.add_argument("--runs", nargs="+", type=parse_run, required=True, help="METHOD:SEED:GUIDANCE_SCALE")
     parser.add_argument("--scale", type=float, default=4.0, help="the sampler's guidance scale (toy CogVideoX: 4)")
+    parser.add_argument("--cond-first", action="store_true",
+                        help="the sampler batches the conditional half first (the STDiT3 sampler; the toy "
+                             "CogVideoX's and diffusers' pipelines put the unconditional half first)")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--json", type=Path, required=True)
     args = parser.parse_args()
@@ -120,7 +123,7 @@ def main() -> None:
     calibration = record_recipe_calibration(model, base.calibration, False, base.model.adapter)
     records = []
     for method, seed, guidance_scale in args.runs:
-        records.append(run(model, calibration, base, method, seed, guidance_scale, args.scale))
+        records.append(run(model, calibration, base, method, seed, guidance_scale, args.scale, args.cond_first))
         log.info("%s", {k: v for k, v in records[-1].items() if k != "calls"})
         write_text_atomic(args.json, json.dumps({"config": str(args.config), "scale": args.scale, "runs": records},
                                                 indent=1) + "\n")

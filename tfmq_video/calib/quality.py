@@ -172,20 +172,25 @@ class ToyEvaluator:
         return scores
 
 
-def mean_shift_share(features: np.ndarray, reference: np.ndarray, members: np.ndarray) -> float:
-    """Share of ``fvd_fp``'s mean term carried by the videos ``members`` (boolean mask over rows).
+def mean_term_parts(features: np.ndarray, reference: np.ndarray) -> np.ndarray:
+    """Each video's share of ``fvd_fp``'s mean term (they sum to 1; all 0 when there is no shift).
 
     Features and reference are paired (same caption and seed), so the mean shift
     ``d = mean(features) - mean(reference)`` is the mean of the per-video differences, and the
-    mean term ``|d|^2`` splits exactly into per-video parts ``<delta_i, d> / N``. This returns the
-    members' parts over ``|d|^2``: 1 when they carry all of it, 0 when none; a part can be
-    negative (a video that moved against the common shift). 0 when there is no shift."""
+    mean term ``|d|^2`` splits exactly into per-video parts ``<delta_i, d> / N``; a part can be
+    negative (a video that moved against the common shift)."""
     deltas = features - reference
     shift = deltas.mean(0)
     total = float(np.sum(shift**2))
     if total <= 0.0:
-        return 0.0
-    return float(np.sum(deltas[members] @ shift) / len(deltas) / total)
+        return np.zeros(len(deltas))
+    return deltas @ shift / len(deltas) / total
+
+
+def mean_shift_share(features: np.ndarray, reference: np.ndarray, members: np.ndarray) -> float:
+    """Share of ``fvd_fp``'s mean term carried by the videos ``members`` (boolean mask over rows):
+    1 when they carry all of it, 0 when none (:func:`mean_term_parts`)."""
+    return float(mean_term_parts(features, reference)[members].sum())
 
 
 def paired_feature_error(features: np.ndarray, reference: np.ndarray) -> float:
