@@ -15,6 +15,7 @@ from tfmq_video.quant.quantizers import (
     StepContext,
     WeightQuantizer,
     WeightSpec,
+    _Observer,
     search_qparams,
 )
 
@@ -139,6 +140,34 @@ def test_static_activation_quantizer_calibrates_from_observed_data() -> None:
     quantizer.finalize()
     assert float(quantizer.scale[0]) == pytest.approx(4.0 / 255, rel=1e-4)
     assert float((quantizer(x) - x).abs().max()) <= float(quantizer.scale[0]) / 2 + 1e-6
+
+
+def test_static_range_weighs_every_call_alike_whatever_their_order() -> None:
+    """A static range seen over many calls (the sampler's steps, in order) is the range of all of
+    them: here the calls shrink step by step, and the last ones must not decide the range."""
+    generator = torch.Generator().manual_seed(0)
+    calls = [torch.randn(20_000, generator=generator) * amplitude for amplitude in range(40, 0, -1)]
+    quantizer = ActQuantizer(ActSpec(bits=8, init="percentile", percentile=0.99))
+    quantizer.observe()
+    for call in calls:
+        quantizer(call)
+    quantizer.finalize()
+    every_value = torch.cat(calls)
+    exact = (every_value.quantile(0.99) - every_value.quantile(0.01)) / 255
+    assert float(quantizer.scale[0]) == pytest.approx(float(exact), rel=0.05)
+
+
+def test_observer_sample_is_uniform_over_values_seen() -> None:
+    observer = _Observer(max_values=4096)
+    for call in range(40):
+        observer.add(0, torch.full((10_000,), float(call)))
+    observer.add(0, torch.full((40_000,), 40.0))  # one call as large as four others: four times the share
+    sample = observer.samples[0][:-2]  # the last two entries are the extremes
+    shares = torch.bincount(sample.long(), minlength=41).float() / sample.numel()
+    assert observer.count(0) == 440_000
+    assert bool((shares[:40] > 0.5 / 44).all() and (shares[:40] < 1.6 / 44).all()), shares
+    assert float(shares[40]) == pytest.approx(4 / 44, abs=0.02)
+    assert observer.samples[0][-2:].tolist() == [0.0, 40.0]
 
 
 def test_unobserved_static_quantizer_is_an_error() -> None:

@@ -217,26 +217,54 @@ class WeightQuantizer(nn.Module):
 
 
 class _Observer:
-    """Bounded statistics of observed values per key (step index or 0): a random subsample."""
+    """Bounded statistics of observed values per key (step index or 0).
+
+    Per key: a uniform random sample (at most ``max_values``) of every value observed under the
+    key, whatever the number and size of the calls, plus the exact extremes so that min-max init
+    sees the true range. Merging weighs the kept sample and a new call by how many values each
+    stands for; merging them half and half instead would let the last few calls (the sampler's
+    last steps, when calls are recorded in step order) dominate a static range.
+    """
 
     def __init__(self, max_values: int = 1 << 16, seed: int = 0) -> None:
         self.max_values = max_values
-        self.samples: dict[int, torch.Tensor] = {}
         self.generator = torch.Generator().manual_seed(seed)
+        self._sample: dict[int, torch.Tensor] = {}
+        self._count: dict[int, int] = {}
+        self._low: dict[int, torch.Tensor] = {}
+        self._high: dict[int, torch.Tensor] = {}
 
-    def _subsample(self, values: torch.Tensor) -> torch.Tensor:
-        if values.numel() <= self.max_values:
+    def _draw(self, values: torch.Tensor, count: int, replace: bool) -> torch.Tensor:
+        """``count`` of ``values`` drawn uniformly (all of them when there are no more)."""
+        if values.numel() <= count:
             return values
-        keep = torch.randint(values.numel(), (self.max_values,), generator=self.generator)
-        # Keep the extremes too so that min-max init sees the true range.
-        return torch.cat([values[keep], values.min()[None], values.max()[None]])
+        if replace:  # a call can hold far more values than a permutation of them should cost
+            return values[torch.randint(values.numel(), (count,), generator=self.generator)]
+        return values[torch.randperm(values.numel(), generator=self.generator)[:count]]
 
     def add(self, key: int, x: torch.Tensor) -> None:
         """Record the values of ``x`` under ``key``."""
-        values = self._subsample(x.detach().reshape(-1).float().cpu())
-        if key in self.samples:
-            values = self._subsample(torch.cat([self.samples[key], values]))
-        self.samples[key] = values
+        values = x.detach().reshape(-1).float().cpu()
+        if values.numel() == 0:
+            return
+        seen = self._count.get(key, 0)
+        total = seen + values.numel()
+        keep_old = min(round(self.max_values * seen / total), self._sample[key].numel() if seen else 0)
+        kept = [self._draw(self._sample[key], keep_old, replace=False)] if seen else []
+        self._sample[key] = torch.cat([*kept, self._draw(values, self.max_values - keep_old, replace=True)])
+        self._count[key] = total
+        low, high = values.min()[None], values.max()[None]
+        self._low[key] = torch.minimum(self._low[key], low) if seen else low
+        self._high[key] = torch.maximum(self._high[key], high) if seen else high
+
+    def count(self, key: int) -> int:
+        """How many values were observed under ``key``."""
+        return self._count.get(key, 0)
+
+    @property
+    def samples(self) -> dict[int, torch.Tensor]:
+        """Per key, the kept sample followed by the smallest and largest value observed."""
+        return {key: torch.cat([sample, self._low[key], self._high[key]]) for key, sample in self._sample.items()}
 
 
 class ActQuantizer(nn.Module):
@@ -270,25 +298,25 @@ class ActQuantizer(nn.Module):
     def finalize(self) -> None:
         """Set parameters from the recorded statistics and switch to quantizing."""
         if self.spec.mode != "dynamic_per_token":
-            if self._observer is None or not self._observer.samples:
+            samples = {} if self._observer is None else self._observer.samples
+            if not samples:
                 raise ConfigError("activation quantizer saw no data during calibration; check the calibration set")
-            for key, values in self._observer.samples.items():
+            for key, values in samples.items():
                 scale, zero = search_qparams(values[None], self.grid, self.spec.init, self.spec.percentile)
                 with torch.no_grad():
                     self.scale[key] = scale.reshape(())
                     self.zero_point[key] = zero.reshape(())
             if self.spec.mode == "per_timestep":
-                self._fill_unseen_steps()
+                self._fill_unseen_steps(set(samples))
         self._observer = None
         self.state = "quant"
 
-    def _fill_unseen_steps(self) -> None:
+    def _fill_unseen_steps(self, observed: set[int]) -> None:
         """Steps that never ran during calibration take the parameters of the nearest seen step."""
-        assert self._observer is not None
-        seen = torch.tensor(sorted(self._observer.samples))
+        seen = torch.tensor(sorted(observed))
         with torch.no_grad():
             for step in range(len(self.scale)):
-                if step not in self._observer.samples:
+                if step not in observed:
                     nearest = int(seen[(seen - step).abs().argmin()])
                     self.scale[step] = self.scale[nearest]
                     self.zero_point[step] = self.zero_point[nearest]
