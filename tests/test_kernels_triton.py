@@ -472,6 +472,29 @@ def test_kernels_do_not_pass_an_accumulator_to_int_dots() -> None:
     assert any("tl.dot(" in s.read_text() for s in kernel_dir.glob("*.py"))  # the scan sees the kernels
 
 
+def _jit_functions(source: Path) -> list:
+    """The ``@triton.jit`` functions of a kernel source file, as AST nodes."""
+    import ast
+
+    return [node for node in ast.walk(ast.parse(source.read_text()))
+            if isinstance(node, ast.FunctionDef) and any("jit" in ast.unparse(d) for d in node.decorator_list)]
+
+
+def test_jit_functions_return_once() -> None:
+    """The interpreter runs a jit helper that returns early from a constexpr branch
+    (``if PER_ROW: return column`` then ``return scalar``), but the GPU's Triton (3.6) type-checks
+    both returns and refuses a (BLOCK_M, 1) tensor and a scalar: session 20 lost its first GPU call
+    to it. Every jit function has at most one ``return``."""
+    import ast
+
+    kernel_dir = Path(__file__).resolve().parents[1] / "tfmq_video" / "kernels"
+    functions = {source: _jit_functions(source) for source in sorted(kernel_dir.glob("*.py"))}
+    offenders = [f"{source.name}:{fn.name}" for source, fns in functions.items() for fn in fns
+                 if sum(isinstance(node, ast.Return) for node in ast.walk(fn)) > 1]
+    assert not offenders, offenders
+    assert sum(len(fns) for fns in functions.values()) >= 5  # the scan sees the kernels
+
+
 def test_gpu_kernel_sweep_runs_every_variant_in_the_interpreter(tmp_path: Path) -> None:
     """``tools/gpu_kernel_sweep.py --smoke``: every section and kernel variant of the GPU session's
     instrument runs (tiny shapes, Triton's interpreter) and matches its reference, so a lent GPU's

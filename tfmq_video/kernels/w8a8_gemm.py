@@ -34,9 +34,13 @@ if HAS_TRITON:
     def input_rows(ptr, rm, M, PER_ROW: tl.constexpr):
         """An input's scale (or zero point) as a (BLOCK_M, 1) column of per-row values, or the one
         per-tensor value (a static / per-timestep scale: no (M,) vector to build per call)."""
-        if PER_ROW:
-            return tl.load(ptr + rm, mask=rm < M, other=0.0)[:, None]
-        return tl.load(ptr)
+        # One return: the GPU's Triton (3.6) type-checks every return of a jit function, even one
+        # after a constexpr branch that already returned, and a column and a scalar do not unify.
+        if PER_ROW:  # noqa: SIM108 (a statement: Triton resolves a constexpr `if` before typing)
+            rows = tl.load(ptr + rm, mask=rm < M, other=0.0)[:, None]
+        else:
+            rows = tl.load(ptr)
+        return rows
 
     @triton.jit
     def grouped_tile(pid, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
