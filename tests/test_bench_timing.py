@@ -40,3 +40,20 @@ def test_xl_workload_has_stdit3_xl_layers_and_runs_a_480p_frame() -> None:
     one_frame = replace(work, latent_shape=(XL_LATENT[0], 1, XL_LATENT[2], XL_LATENT[3]))
     out = sample_fn(one_frame, work.model, torch.device("cpu"))()
     assert out.shape[1:] == one_frame.latent_shape and torch.isfinite(out).all()
+
+
+def test_bench_model_attention_option_reaches_the_quantized_rows() -> None:
+    """``bench model --attention``: the quantized rows load with the chosen attention mode and say
+    so; INT8 attention changes their output (the GPU runs compare it with fp attention)."""
+    from tfmq_video.bench.model import benchmark_workload, toy_workload
+
+    work = toy_workload(steps=1)
+    assert work is not None
+    errors = {}
+    for mode in ("fp", "int8"):
+        rows = benchmark_workload(work, torch.device("cpu"), ["reference"], 1, ("w8a8",), attention=mode)
+        quantized = [r for r in rows if r["wbits"] == 8]
+        assert [r["attention"] for r in quantized] == [mode]
+        errors[mode] = quantized[0]["rel_err_vs_fp32"]
+    assert 0 < errors["fp"] < 0.1 and 0 < errors["int8"] < 0.1
+    assert errors["int8"] != errors["fp"]

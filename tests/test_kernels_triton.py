@@ -495,6 +495,9 @@ def test_jit_functions_return_once() -> None:
     assert sum(len(fns) for fns in functions.values()) >= 5  # the scan sees the kernels
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason=(
+    "a GPU box runs the tool compiled (tools/gpu_check.sh sweep); its older Triton's interpreter "
+    "(3.6 on the lent H200) fails on these kernels: only 0-dimensional arrays can be converted to Python scalars"))
 def test_gpu_kernel_sweep_runs_every_variant_in_the_interpreter(tmp_path: Path) -> None:
     """``tools/gpu_kernel_sweep.py --smoke``: every section and kernel variant of the GPU session's
     instrument runs (tiny shapes, Triton's interpreter) and matches its reference, so a lent GPU's

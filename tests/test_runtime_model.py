@@ -74,3 +74,15 @@ def test_compiled_blocks_match_eager(monkeypatch: pytest.MonkeyPatch) -> None:
     eager = build_runtime_model(tiny(), records, backend="cpu", compile=False)
     compiled = build_runtime_model(tiny(), records, backend="cpu", compile=True)
     assert rel(run(compiled), run(eager)) < 1e-3
+
+
+def test_auto_attention_is_sdpa_on_every_backend() -> None:
+    """``attention="auto"`` resolves to SDPA on every backend (INT8 attention was slower than
+    SDPA on CPU and on the H200 of session 20); INT8 only when asked; a typo is refused."""
+    from tfmq_video.errors import ConfigError
+    from tfmq_video.runtime.attention import resolve_attention_mode
+
+    assert {resolve_attention_mode("auto", b) for b in ("reference", "cpu", "triton")} == {"fp"}
+    assert resolve_attention_mode("int8", "triton") == "int8"
+    with pytest.raises(ConfigError, match="unknown attention mode"):
+        resolve_attention_mode("int4", "cpu")

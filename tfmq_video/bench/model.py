@@ -37,6 +37,7 @@ from tfmq_video.bench.common import machine_info, print_table, rel_error, time_m
 from tfmq_video.devices import pick_device
 from tfmq_video.export import RTNConfig, load_quantized, rtn_records, save_quantized
 from tfmq_video.quant.records import ActivationRecord
+from tfmq_video.runtime.attention import ATTENTION_MODES, resolve_attention_mode
 from tfmq_video.runtime.backends import backend_problem
 
 log = logging.getLogger(__name__)
@@ -210,8 +211,10 @@ def variants(
     folder: Path,
     backends: list[str],
     schemes: tuple[str, ...] = SCHEMES,
+    attention: str = "auto",
 ) -> list[tuple[dict, nn.Module]]:
-    """(row description, model) for fp32, bf16 and each (scheme, backend)."""
+    """(row description, model) for fp32, bf16 and each (scheme, backend); ``attention`` is the
+    quantized models' attention mode (``auto``: SDPA; ``int8``: INT8 attention)."""
     half = torch.float16 if device.type == "cuda" else torch.bfloat16
     out = [
         ({"backend": "torch", "wbits": 32, "abits": 32, "act": "fp", "dtype": "fp32"}, work.model.to(device)),
@@ -231,21 +234,23 @@ def variants(
         path = save_quantized(folder / folder_name, work.model, records, calibrated_timesteps=timesteps)
         for backend in backends:
             dtype = torch.float32 if backend == "reference" else half
-            model = load_quantized(path, backend=backend, dtype=dtype, device=device)
-            row = {"backend": backend, "wbits": bits, "abits": 8, "act": act, "dtype": str(dtype).split(".")[-1]}
+            model = load_quantized(path, backend=backend, attention=attention, dtype=dtype, device=device)
+            row = {"backend": backend, "wbits": bits, "abits": 8, "act": act, "dtype": str(dtype).split(".")[-1],
+                   "attention": resolve_attention_mode(attention, backend)}
             out.append((row, model))
     work.model.to(device)
     return out
 
 
 def benchmark_workload(
-    work: Workload, device: torch.device, backends: list[str], repeat: int, schemes: tuple[str, ...] = SCHEMES
+    work: Workload, device: torch.device, backends: list[str], repeat: int, schemes: tuple[str, ...] = SCHEMES,
+    attention: str = "auto",
 ) -> list[dict]:
     """Time one sampling run per variant; fill in speedups, bytes, compilations and errors."""
     rows = []
     outputs: dict[tuple, torch.Tensor] = {}
     with tempfile.TemporaryDirectory() as tmp:
-        for row, model in variants(work, device, Path(tmp), backends, schemes):
+        for row, model in variants(work, device, Path(tmp), backends, schemes, attention):
             run = sample_fn(work, model, device)
             log.info("%s: %s", work.name, row)
             # every row compiles from scratch, as in its own process: graphs of earlier rows would
@@ -291,6 +296,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         choices=SCHEMES,
         help="quantized rows (default: all; w8a8_fsc: per-timestep activation scales)",
     )
+    parser.add_argument("--attention", default="auto", choices=ATTENTION_MODES,
+                        help="attention of the quantized rows (auto = fp: SDPA; int8: INT8 Q/K)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -309,8 +316,8 @@ def run(args: argparse.Namespace) -> int:
     rows = []
     for work in workloads:
         if work is not None:
-            rows += benchmark_workload(work, device, backends, args.repeat, tuple(args.schemes))
-    print_table(rows, ("model", "steps", "backend", "wbits", "abits", "act", "dtype", "first_seconds", "seconds",
+            rows += benchmark_workload(work, device, backends, args.repeat, tuple(args.schemes), args.attention)
+    print_table(rows, ("model", "steps", "backend", "wbits", "abits", "act", "attention", "dtype", "first_seconds", "seconds",
                        "compiled_graphs", "speedup_vs_fp32", "speedup_vs_bf16", "weight_bytes", "rel_err_vs_reference",
                        "rel_err_vs_fp32"))
     write_json(args.json_path, {"benchmark": "model", "machine": machine_info(device), "backends": backends, "rows": rows})

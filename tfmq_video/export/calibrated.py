@@ -8,8 +8,8 @@ calibrated step, in the format of :mod:`tfmq_video.export.format`; the layers th
 full precision stay in full precision. ``load_quantized`` then runs it with integer kernels.
 
 Not carried over: the attention-matmul quantizers of the fake-quant model (format v1 has no
-entry for them). The runtime chooses its own attention (``attention="auto"``: INT8
-SageAttention-style with per-block scales on the triton backend, SDPA otherwise).
+entry for them). The runtime chooses its own attention (``attention="auto"``: SDPA in
+the model's dtype; ``"int8"``: SageAttention-style with per-block scales).
 """
 
 from __future__ import annotations

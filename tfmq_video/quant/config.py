@@ -73,8 +73,8 @@ class QuantConfig(_Section):
 
     ``attention_mode`` (with ``quantize_attention``): ``per_block`` (the default) models the
     runtime's INT8 attention kernel (int8 Q/K with a scale per tile computed at run time, P·V in
-    fp16), so calibration sees the attention error that a GPU deployment has (a CPU deployment
-    runs FP attention and has none); its bits are the kernel's 8 whatever ``activation.bits`` is. ``static`` quantizes q, k, v and the softmax probabilities with the
+    fp16), so calibration sees the attention error of a deployment with ``attention="int8"`` (the
+    runtime's default, SDPA, has none); its bits are the kernel's 8 whatever ``activation.bits`` is. ``static`` quantizes q, k, v and the softmax probabilities with the
     activation settings (one calibrated range each: Q-Diffusion's treatment). Those quantizers are
     not exported, as no runtime computes attention that way; the recipes of the results recorded
     before session 17 set it explicitly.

@@ -3,8 +3,11 @@
 
 Modes: ``int8`` (SageAttention-style INT8 Q/K, fp16 P.V; Triton kernel on GPU, its
 PyTorch reference elsewhere) and ``fp`` (``scaled_dot_product_attention`` in the model's
-dtype). ``auto`` chooses ``int8`` with the triton backend and ``fp`` otherwise: on CPU there is
-no fast INT8 attention kernel, and the reference INT8 attention is slower than SDPA.
+dtype). ``auto`` chooses ``fp`` on every backend, because that is faster everywhere it was
+measured: on CPU there is no fast INT8 attention kernel (the reference is slower than SDPA), and
+on an H200 (session 20) the Triton INT8 kernel ran at 0.22x-0.83x of fp16 SDPA, so STDiT3-XL
+layer sizes at 480p sampled at 1.05x of fp16 with W8A8 GEMMs and SDPA but 0.65x with INT8
+attention (docs/benchmarks.md). ``int8`` stays available for memory or for later kernels.
 """
 
 from __future__ import annotations
@@ -53,12 +56,12 @@ class QuantAttentionFn:
 
 
 def resolve_attention_mode(mode: str, backend: str) -> str:
-    """``auto`` -> ``int8`` on the triton backend, ``fp`` otherwise; other modes pass through."""
+    """``auto`` -> ``fp`` (SDPA: the faster one on every backend measured so far, see the module
+    docstring; ``backend`` stays in the signature so that a faster kernel can change that per
+    backend); other modes pass through."""
     if mode not in ATTENTION_MODES:
         raise ConfigError(f"unknown attention mode {mode!r}; choose one of {ATTENTION_MODES}")
-    if mode == "auto":
-        return "int8" if backend == "triton" else "fp"
-    return mode
+    return "fp" if mode == "auto" else mode
 
 
 def install_attention(model: nn.Module, mode: str, backend: str) -> int:
