@@ -57,6 +57,51 @@ def test_signed_rank_test_matches_the_counting_definition() -> None:
         signed_rank_p([1, 2], [1])
 
 
+def _listed_mann_whitney_p(a: list[float], b: list[float], lower: bool) -> float:
+    """The definition, listed: every split of the pooled values, U counted pair by pair."""
+    from itertools import combinations
+
+    pooled, observed = [*a, *b], mann_whitney_u(a, b, lower)
+    splits = list(combinations(range(len(pooled)), len(a)))
+    return sum(mann_whitney_u([pooled[i] for i in chosen], [pooled[i] for i in range(len(pooled)) if i not in chosen],
+                              lower) >= observed - 1e-9 for chosen in splits) / len(splits)
+
+
+def _listed_signed_rank_p(a: list[float], b: list[float], lower: bool) -> float:
+    """The definition, listed: every sign flip of the paired differences (ranks by brute force)."""
+    sign = 1.0 if lower else -1.0
+    gains = [sign * (y - x) for x, y in zip(a, b, strict=True) if x != y]
+    size = [abs(g) for g in gains]
+    ranks = [sum(v < x for v in size) + (sum(v == x for v in size) + 1) / 2 for x in size]
+    observed = sum(r for r, g in zip(ranks, gains, strict=True) if g > 0)
+    flips = range(2 ** len(ranks))
+    return sum(sum(r for i, r in enumerate(ranks) if f >> i & 1) >= observed - 1e-9 for f in flips) / 2 ** len(ranks)
+
+
+def test_counted_tests_equal_the_listed_definitions_with_ties() -> None:
+    """The exact tests count splits and sign flips by rank sum; on small random samples with
+    ties (values on a coarse grid) they equal the listing of every split and flip."""
+    import random
+
+    rng = random.Random(0)
+    for _ in range(40):
+        n_a, n_b = rng.randint(1, 6), rng.randint(1, 6)
+        a = [rng.randint(0, 6) / 2 for _ in range(n_a)]
+        b = [rng.randint(0, 6) / 2 for _ in range(n_b)]
+        for lower in (True, False):
+            assert mann_whitney_p(a, b, lower) == pytest.approx(_listed_mann_whitney_p(a, b, lower)), (a, b, lower)
+            paired = b[:n_a] + [rng.randint(0, 6) / 2 for _ in range(n_a - len(b[:n_a]))]
+            assert signed_rank_p(a, paired, lower) == pytest.approx(_listed_signed_rank_p(a, paired, lower))
+
+
+def test_exact_tests_run_at_twenty_seeds_and_more() -> None:
+    """17 against 17 seeds (C(34, 17) = 2.3e9 splits) and 25 paired seeds (2**25 flips) are
+    counted in well under a second; a complete separation gives the smallest p."""
+    a, b = [float(i) for i in range(17)], [float(i) + 100 for i in range(17)]
+    assert mann_whitney_p(a, b) == pytest.approx(1 / comb(34, 17))
+    assert signed_rank_p([float(i) for i in range(25)], [float(i) + 1 for i in range(25)]) == pytest.approx(2.0 ** -25)
+
+
 def test_comparisons_pair_the_common_seeds() -> None:
     rows = FP_ROWS + _rows("tfmq", {0: 0.10, 1: 0.30, 2: 0.20, 7: 0.01}) + _rows("qdiffusion", {0: 0.2, 1: 0.4, 2: 0.25})
     by_pair = {(c.method_a, c.method_b): c for c in compare_methods(rows, "fvd_fp")}

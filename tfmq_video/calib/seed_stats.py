@@ -26,7 +26,6 @@ import json
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from itertools import combinations
 from pathlib import Path
 from typing import Any
 
@@ -139,24 +138,6 @@ def mann_whitney_u(a: Sequence[float], b: Sequence[float], lower_is_better: bool
     return sum(1.0 if sign * (x - y) < 0 else 0.5 if x == y else 0.0 for x in a for y in b)
 
 
-def mann_whitney_p(a: Sequence[float], b: Sequence[float], lower_is_better: bool = True) -> float:
-    """Exact one-sided p of "a is better than b": the share of the splits of the pooled values
-    into groups of ``len(a)`` and ``len(b)`` whose U is at least the observed one."""
-    if not a or not b:
-        raise ValueError("both groups need at least one value")
-    pooled = [*a, *b]
-    observed = mann_whitney_u(a, b, lower_is_better)
-    splits = list(combinations(range(len(pooled)), len(a)))
-    if len(splits) > 200_000:
-        raise ValueError(f"{len(a)} and {len(b)} values: too many splits for the exact test")
-    at_least = 0
-    for chosen in splits:
-        group_a = [pooled[i] for i in chosen]
-        group_b = [pooled[i] for i in range(len(pooled)) if i not in chosen]
-        at_least += mann_whitney_u(group_a, group_b, lower_is_better) >= observed - 1e-9
-    return at_least / len(splits)
-
-
 def _average_ranks(values: Sequence[float]) -> list[float]:
     """Ranks 1..n of ``values``, tied values sharing the mean of their ranks."""
     order = sorted(range(len(values)), key=lambda i: values[i])
@@ -172,6 +153,36 @@ def _average_ranks(values: Sequence[float]) -> list[float]:
     return ranks
 
 
+def _subset_sum_counts(weights: Sequence[int], size: int | None = None) -> list[dict[int, int]]:
+    """``counts[k][s]``: how many subsets of ``weights`` have k members and sum s (k up to
+    ``size``, or all of them). Counting instead of listing keeps the exact tests exact at any
+    number of seeds (C(34, 17) splits or 2**20 sign flips would take minutes to list)."""
+    top = len(weights) if size is None else size
+    counts: list[dict[int, int]] = [{0: 1}] + [{} for _ in range(top)]
+    for weight in weights:
+        for k in range(top, 0, -1):
+            for total, ways in counts[k - 1].items():
+                counts[k][total + weight] = counts[k].get(total + weight, 0) + ways
+    return counts
+
+
+def mann_whitney_p(a: Sequence[float], b: Sequence[float], lower_is_better: bool = True) -> float:
+    """Exact one-sided p of "a is better than b": the share of the splits of the pooled values
+    into groups of ``len(a)`` and ``len(b)`` whose U is at least the observed one.
+
+    U (ties counting half) is a's rank sum in the pooled values, shifted: a's share of the pairs
+    that a wins falls as its rank sum rises (lower is better) or rises with it. So the splits are
+    counted by rank sum (doubled ranks: tied values share a half rank)."""
+    if not a or not b:
+        raise ValueError("both groups need at least one value")
+    doubled = [round(2 * r) for r in _average_ranks([*a, *b])]
+    observed = sum(doubled[: len(a)])
+    by_sum = _subset_sum_counts(doubled, len(a))[len(a)]
+    sign = -1 if lower_is_better else 1
+    at_least = sum(ways for total, ways in by_sum.items() if sign * (total - observed) >= 0)
+    return at_least / math.comb(len(doubled), len(a))
+
+
 def signed_rank_p(a: Sequence[float], b: Sequence[float], lower_is_better: bool = True) -> float:
     """Exact one-sided p of "a is better than b" for paired values (``a[i]`` and ``b[i]`` at the
     same seed): the Wilcoxon signed-rank statistic (the ranks of the nonzero ``|differences|``
@@ -182,13 +193,11 @@ def signed_rank_p(a: Sequence[float], b: Sequence[float], lower_is_better: bool 
     gains = [sign * (y - x) for x, y in zip(a, b, strict=True) if x != y]  # > 0: a better
     if not gains:
         return 1.0
-    if len(gains) > 20:
-        raise ValueError(f"{len(gains)} paired values: too many sign flips for the exact test")
-    ranks = _average_ranks([abs(g) for g in gains])
-    observed = sum(r for r, g in zip(ranks, gains, strict=True) if g > 0)
-    at_least = sum(1 for flips in range(2 ** len(ranks))
-                   if sum(r for i, r in enumerate(ranks) if flips >> i & 1) >= observed - 1e-9)
-    return at_least / 2 ** len(ranks)
+    doubled = [round(2 * r) for r in _average_ranks([abs(g) for g in gains])]
+    observed = sum(r for r, g in zip(doubled, gains, strict=True) if g > 0)
+    counts = _subset_sum_counts(doubled)
+    at_least = sum(ways for by_sum in counts for total, ways in by_sum.items() if total >= observed)
+    return at_least / 2 ** len(doubled)
 
 
 def _paired(seeds_a: dict[int, float], seeds_b: dict[int, float], lower: bool) -> tuple[int, float | None, float | None]:
