@@ -95,8 +95,8 @@ def test_counted_tests_equal_the_listed_definitions_with_ties() -> None:
 
 
 def test_exact_tests_run_at_twenty_seeds_and_more() -> None:
-    """17 against 17 seeds (C(34, 17) = 2.3e9 splits) and 25 paired seeds (2**25 flips) are
-    counted in well under a second; a complete separation gives the smallest p."""
+    """17 against 17 seeds (C(34, 17) = 2.3e9 splits, too many to list) and 25 paired seeds
+    (2**25 flips) are counted exactly: a complete separation gives the smallest p."""
     a, b = [float(i) for i in range(17)], [float(i) + 100 for i in range(17)]
     assert mann_whitney_p(a, b) == pytest.approx(1 / comb(34, 17))
     assert signed_rank_p([float(i) for i in range(25)], [float(i) + 1 for i in range(25)]) == pytest.approx(2.0 ** -25)

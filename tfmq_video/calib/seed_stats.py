@@ -156,7 +156,7 @@ def _average_ranks(values: Sequence[float]) -> list[float]:
 def _subset_sum_counts(weights: Sequence[int], size: int | None = None) -> list[dict[int, int]]:
     """``counts[k][s]``: how many subsets of ``weights`` have k members and sum s (k up to
     ``size``, or all of them). Counting instead of listing keeps the exact tests exact at any
-    number of seeds (C(34, 17) splits or 2**20 sign flips would take minutes to list)."""
+    number of seeds (C(34, 17) = 2.3e9 splits are too many to list)."""
     top = len(weights) if size is None else size
     counts: list[dict[int, int]] = [{0: 1}] + [{} for _ in range(top)]
     for weight in weights:

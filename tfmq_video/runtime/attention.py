@@ -7,7 +7,7 @@ dtype). ``auto`` chooses ``fp`` on every backend, because that is faster everywh
 measured: on CPU there is no fast INT8 attention kernel (the reference is slower than SDPA), and
 on an H200 (session 20) the Triton INT8 kernel ran at 0.22x-0.83x of fp16 SDPA, so STDiT3-XL
 layer sizes at 480p sampled at 1.05x of fp16 with W8A8 GEMMs and SDPA but 0.65x with INT8
-attention (docs/benchmarks.md). ``int8`` stays available for memory or for later kernels.
+attention (docs/benchmarks.md). ``int8`` stays available when asked for.
 """
 
 from __future__ import annotations
