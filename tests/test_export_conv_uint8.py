@@ -100,6 +100,10 @@ def test_calibrated_model_with_patchify_conv_round_trips(tmp_path: Path, weight:
         with torch.no_grad():
             expected = qmodel(**model_inputs(t))
             assert rel(loaded(**model_inputs(t)), expected) < EXPORT_RTOL[backend]
+            if backend == "reference":
+                # bit for bit: a last-bit difference here flips ties in the next activation quantizer
+                video = model_inputs(t)["x"]
+                assert torch.equal(loaded.x_embedder.proj(video), qmodel.model.x_embedder.proj(video))
 
 
 @pytest.mark.parametrize("backend", ["reference", "cpu"])

@@ -6,6 +6,8 @@ Linear over flattened, non-overlapping patches. The weight ``(out, C, *kernel)``
 ``(out, C * prod(kernel))`` codes in the ``(C, *kernel)`` order of ``weight.reshape(out, -1)``;
 the input ``(B, C, *spatial)`` becomes patch rows ``(B, *grid, C * prod(kernel))`` in the same
 order, runs through the backend's integer GEMM, and the output goes back to ``(B, out, *grid)``.
+The ``reference`` backend runs ``F.convNd`` instead, the fake-quant model's own computation, so that
+it matches that model bit for bit on every CPU.
 Trailing input positions that do not fill a patch are dropped, as the convolution does.
 
 Static and per-timestep activation parameters are per tensor, so they are the same on patch
@@ -113,12 +115,25 @@ class QuantPatchConv(QuantLinear):
                 f"{self.name}: expected input (B, {self.in_channels}, ...) with {n} spatial dims, "
                 f"got {tuple(x.shape)}"
             )
-        if self.activation.mode == "dynamic_per_token":
-            out = self._per_position_forward(x)
+        if self.backend == "reference" and self.activation.mode != "dynamic_per_token":
+            out = self._reference_conv(x)
         else:
-            out = super().forward(self.patches(x))
-        out = out.permute(0, n + 1, *range(1, n + 1))
+            if self.activation.mode == "dynamic_per_token":
+                out = self._per_position_forward(x)
+            else:
+                out = super().forward(self.patches(x))
+            out = out.permute(0, n + 1, *range(1, n + 1))
         return out.squeeze(0) if unbatched else out
+
+    def _reference_conv(self, x: torch.Tensor) -> torch.Tensor:
+        """The fake-quant model's own float32 convolution, so that ``reference`` matches it bit for bit.
+
+        A GEMM over patch rows sums in another order than ``F.convNd``; a last-bit difference in
+        the patch embedding can then flip a rounding tie of the next static activation quantizer.
+        """
+        conv = (F.conv1d, F.conv2d, F.conv3d)[len(self.kernel_size) - 1]
+        weight = self._reference_weight().reshape(self.original_shape)
+        return conv(self.fake_quantize_input(x), weight, self.bias, stride=self.kernel_size).to(x.dtype)
 
     def _per_position_forward(self, x: torch.Tensor) -> torch.Tensor:
         """Dynamic quantization per input position over its channels, then float32 math."""
