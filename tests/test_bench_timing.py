@@ -57,3 +57,22 @@ def test_bench_model_attention_option_reaches_the_quantized_rows() -> None:
         errors[mode] = quantized[0]["rel_err_vs_fp32"]
     assert 0 < errors["fp"] < 0.1 and 0 < errors["int8"] < 0.1
     assert errors["int8"] != errors["fp"]
+
+
+def test_bench_model_w4a8_g64_rows_are_per_group_and_compared_with_their_own_reference() -> None:
+    """``bench model --schemes w4a8 w4a8_g64``: the group rows carry ``group`` 64, their error vs
+    reference is against the g64 reference (not the per-channel one), and finer scales bring the
+    W4 output closer to fp32 than per-channel scales."""
+    from tfmq_video.bench.model import benchmark_workload, toy_workload
+
+    work = toy_workload(steps=1)
+    assert work is not None
+    rows = benchmark_workload(work, torch.device("cpu"), ["reference", "cpu"], 1, ("w4a8", "w4a8_g64"))
+    w4 = {(r["backend"], r["group"]): r for r in rows if r["wbits"] == 4}
+    assert set(w4) == {("reference", None), ("cpu", None), ("reference", 64), ("cpu", 64)}
+    assert w4[("reference", 64)]["rel_err_vs_reference"] == 0.0
+    # the cpu rows run in bf16: against their float32 reference they differ as much as bf16 from fp32
+    bf16_error = next(r for r in rows if r["wbits"] == 16)["rel_err_vs_fp32"]
+    assert 0 < w4[("cpu", 64)]["rel_err_vs_reference"] < 2 * bf16_error
+    assert w4[("reference", 64)]["rel_err_vs_fp32"] < w4[("reference", None)]["rel_err_vs_fp32"]
+    assert w4[("reference", 64)]["weight_bytes"] > w4[("reference", None)]["weight_bytes"]

@@ -340,3 +340,16 @@ def test_triton_backend_runs_unsigned_8bit_and_patch_conv() -> None:
         cwd=Path(__file__).resolve().parents[1],
     )
     assert result.returncode == 0 and "ok" in result.stdout, result.stdout[-3000:] + result.stderr[-3000:]
+
+
+def test_rtn_per_group_falls_back_to_per_channel_where_the_group_does_not_divide() -> None:
+    """RTN with ``group_size`` 64, as calibration does: the 16-input patch conv is quantized per
+    channel (one scale per output row), the 64-input linears per group."""
+    model = tiny_stdit3()
+    config = RTNConfig(weight_bits=4, group_size=64, include=("x_embedder.proj", "spatial_blocks.*"))
+    records = {r.name: r for r in rtn_records(model, config)}
+    assert records["x_embedder.proj"].group_size is None
+    assert records["x_embedder.proj"].weight_scale.shape == (64, 1)
+    assert records["spatial_blocks.0.attn.qkv"].group_size == 64
+    assert records["spatial_blocks.0.attn.qkv"].weight_scale.shape == (192, 1)
+    assert records["spatial_blocks.0.mlp.fc2"].weight_scale.shape == (64, 4)

@@ -202,7 +202,7 @@ def per_timestep_records(work: Workload, bits: int, device: torch.device | None 
     return records, timesteps
 
 
-SCHEMES = ("w8a8", "w4a8", "w8a8_static", "w8a8_fsc")
+SCHEMES = ("w8a8", "w4a8", "w4a8_g64", "w8a8_static", "w8a8_fsc")
 
 
 def variants(
@@ -225,21 +225,27 @@ def variants(
     builders = {
         "w8a8": lambda: (8, "dynamic", rtn_records(work.model, RTNConfig(weight_bits=8)), None),
         "w4a8": lambda: (4, "dynamic", rtn_records(work.model, RTNConfig(weight_bits=4)), None),
+        "w4a8_g64": lambda: (4, "dynamic", rtn_records(work.model, RTNConfig(weight_bits=4, group_size=64)), None),
         "w8a8_static": lambda: (8, "static", static_records(work, 8, device), None),
         "w8a8_fsc": lambda: (8, "fsc", *per_timestep_records(work, 8, device)),
     }
     for scheme in schemes:
         bits, act, records, timesteps = builders[scheme]()
-        folder_name = f"w{bits}a8_{act}"
-        path = save_quantized(folder / folder_name, work.model, records, calibrated_timesteps=timesteps)
+        path = save_quantized(folder / scheme, work.model, records, calibrated_timesteps=timesteps)
+        group = max((r.group_size or 0 for r in records), default=0) or None
         for backend in backends:
             dtype = torch.float32 if backend == "reference" else half
             model = load_quantized(path, backend=backend, attention=attention, dtype=dtype, device=device)
-            row = {"backend": backend, "wbits": bits, "abits": 8, "act": act, "dtype": str(dtype).split(".")[-1],
-                   "attention": resolve_attention_mode(attention, backend)}
+            row = {"backend": backend, "wbits": bits, "group": group, "abits": 8, "act": act,
+                   "dtype": str(dtype).split(".")[-1], "attention": resolve_attention_mode(attention, backend)}
             out.append((row, model))
     work.model.to(device)
     return out
+
+
+def output_key(row: dict) -> tuple:
+    """What identifies a row's model: backend, weight bits, weight group and activation scheme."""
+    return row["backend"], row["wbits"], row.get("group"), row["act"]
 
 
 def benchmark_workload(
@@ -262,16 +268,16 @@ def benchmark_workload(
             row["first_seconds"] = time_ms(run, device, 1, warmup=0) / 1e3
             row["seconds"] = time_ms(run, device, repeat, warmup=0) / 1e3
             row["compiled_graphs"] = counters["stats"]["unique_graphs"] - graphs
-            outputs[(row["backend"], row["wbits"], row["act"])] = run().float().cpu()
+            outputs[output_key(row)] = run().float().cpu()
             rows.append(row)
     fp32 = next(r for r in rows if r["wbits"] == 32)
     bf16 = next(r for r in rows if r["wbits"] == 16)
     for row in rows:
         row["speedup_vs_fp32"] = fp32["seconds"] / row["seconds"]
         row["speedup_vs_bf16"] = bf16["seconds"] / row["seconds"]
-        key = (row["backend"], row["wbits"], row["act"])
-        fp32_out = outputs[("torch", 32, "fp")]
-        reference = outputs.get(("reference", row["wbits"], row["act"])) if row["wbits"] <= 8 else fp32_out
+        key = output_key(row)
+        fp32_out = outputs[output_key(fp32)]
+        reference = outputs.get(output_key({**row, "backend": "reference"})) if row["wbits"] <= 8 else fp32_out
         row["rel_err_vs_reference"] = None if reference is None else rel_error(outputs[key], reference)
         row["rel_err_vs_fp32"] = rel_error(outputs[key], fp32_out)
     return rows
@@ -294,7 +300,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         nargs="*",
         default=list(SCHEMES),
         choices=SCHEMES,
-        help="quantized rows (default: all; w8a8_fsc: per-timestep activation scales)",
+        help="quantized rows (default: all; w4a8_g64: weights per group of 64; w8a8_fsc: per-timestep activation scales)",
     )
     parser.add_argument("--attention", default="auto", choices=ATTENTION_MODES,
                         help="attention of the quantized rows (auto = fp: SDPA; int8: INT8 Q/K)")
@@ -317,7 +323,7 @@ def run(args: argparse.Namespace) -> int:
     for work in workloads:
         if work is not None:
             rows += benchmark_workload(work, device, backends, args.repeat, tuple(args.schemes), args.attention)
-    print_table(rows, ("model", "steps", "backend", "wbits", "abits", "act", "attention", "dtype", "first_seconds", "seconds",
+    print_table(rows, ("model", "steps", "backend", "wbits", "group", "abits", "act", "attention", "dtype", "first_seconds", "seconds",
                        "compiled_graphs", "speedup_vs_fp32", "speedup_vs_bf16", "weight_bytes", "rel_err_vs_reference",
                        "rel_err_vs_fp32"))
     write_json(args.json_path, {"benchmark": "model", "machine": machine_info(device), "backends": backends, "rows": rows})

@@ -16,7 +16,7 @@ from torch import nn
 
 from tfmq_video.errors import ConfigError
 from tfmq_video.quant.affine import IntRange, code_dtype, quantize
-from tfmq_video.quant.quantizers import search_qparams, weight_rows
+from tfmq_video.quant.quantizers import group_size_for, search_qparams, weight_rows
 from tfmq_video.quant.records import ActivationRecord, QuantizedLinearRecord
 from tfmq_video.runtime.conv import CONV_TYPES
 
@@ -27,7 +27,11 @@ DEFAULT_INCLUDE: tuple[str, ...] = ("spatial_blocks.*", "temporal_blocks.*")
 
 @dataclass(frozen=True)
 class RTNConfig:
-    """What to quantize and how: weight bits/grid/group size, activation mode and bits, name patterns."""
+    """What to quantize and how: weight bits/grid/group size, activation mode and bits, name patterns.
+
+    A layer whose input size is not a multiple of ``group_size`` is quantized per channel, as in
+    calibration.
+    """
 
     weight_bits: int = 8
     weight_signed: bool = True
@@ -56,15 +60,16 @@ def rtn_linear_record(
     conv = isinstance(linear, CONV_TYPES)
     weight = linear.weight.detach().float()
     weight = weight.reshape(weight.shape[0], -1) if conv else weight
-    scale, zero_point = weight_qparams(weight, grid, config.group_size)
-    rows = weight_rows(weight, config.group_size)
+    group_size = group_size_for(weight.shape[1], config.group_size)
+    scale, zero_point = weight_qparams(weight, grid, group_size)
+    rows = weight_rows(weight, group_size)
     codes = quantize(rows, scale.reshape(-1, 1), zero_point.reshape(-1, 1), grid).reshape(weight.shape)
     if activation is None:
         activation = ActivationRecord(mode=config.activation_mode, bits=config.activation_bits)  # type: ignore[arg-type]
     bias = None if linear.bias is None else linear.bias.detach().float().clone()
     return QuantizedLinearRecord(
         name=name, weight_codes=codes.to(code_dtype(grid)), weight_scale=scale.float(), weight_zero_point=zero_point.float(),
-        weight_bits=config.weight_bits, weight_signed=config.weight_signed, group_size=config.group_size,
+        weight_bits=config.weight_bits, weight_signed=config.weight_signed, group_size=group_size,
         bias=bias, activation=activation, original_shape=tuple(linear.weight.shape) if conv else None,
     )
 

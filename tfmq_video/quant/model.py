@@ -31,7 +31,7 @@ from tfmq_video.quant.modules import (
     QuantWeightLayer,
     wrap_weight_layer,
 )
-from tfmq_video.quant.quantizers import ActQuantizer, ActSpec, StepContext, WeightSpec
+from tfmq_video.quant.quantizers import ActQuantizer, ActSpec, StepContext, WeightSpec, group_size_for
 from tfmq_video.quant.records import ActivationRecord, QuantizedLinearRecord
 
 
@@ -59,10 +59,7 @@ def keep_fp_patterns(adapter: DiTAdapter, recipe: RecipeConfig, names: Sequence[
 def _weight_spec(recipe: RecipeConfig, layer: nn.Module) -> WeightSpec:
     """The recipe's weight spec; per channel for layers whose input size is not a multiple of the group."""
     spec = recipe.quant.weight.spec()
-    fan_in = layer.weight[0].numel()
-    if spec.group_size is not None and fan_in % spec.group_size:
-        return dataclasses.replace(spec, group_size=None)
-    return spec
+    return dataclasses.replace(spec, group_size=group_size_for(layer.weight[0].numel(), spec.group_size))
 
 
 def plan_layers(model: nn.Module, adapter: DiTAdapter, recipe: RecipeConfig) -> dict[str, LayerPlan]:

@@ -116,6 +116,14 @@ def search_qparams(
 # --------------------------------------------------------------------------- weights
 
 
+def group_size_for(fan_in: int, group_size: int | None) -> int | None:
+    """``group_size``, or None (per channel) for a layer whose ``fan_in`` is not a multiple of it
+    (a small patch embedding, say): the rule calibration and RTN export share."""
+    if group_size is not None and fan_in % group_size:
+        return None
+    return group_size
+
+
 def weight_rows(weight: torch.Tensor, group_size: int | None) -> torch.Tensor:
     """(out, ...) weight -> (out, in) per channel or (out * in / g, g) per group."""
     flat = weight.reshape(weight.shape[0], -1)
