@@ -202,7 +202,7 @@ def per_timestep_records(work: Workload, bits: int, device: torch.device | None 
     return records, timesteps
 
 
-SCHEMES = ("w8a8", "w4a8", "w4a8_g64", "w8a8_static", "w8a8_fsc")
+SCHEMES = ("w8a8", "w4a8", "w4a8_g64", "w4a8_g64i", "w8a8_static", "w8a8_fsc")
 
 
 def variants(
@@ -226,6 +226,8 @@ def variants(
         "w8a8": lambda: (8, "dynamic", rtn_records(work.model, RTNConfig(weight_bits=8)), None),
         "w4a8": lambda: (4, "dynamic", rtn_records(work.model, RTNConfig(weight_bits=4)), None),
         "w4a8_g64": lambda: (4, "dynamic", rtn_records(work.model, RTNConfig(weight_bits=4, group_size=64)), None),
+        "w4a8_g64i": lambda: (4, "dynamic", rtn_records(
+            work.model, RTNConfig(weight_bits=4, group_size=64, integer_group_scales=True)), None),
         "w8a8_static": lambda: (8, "static", static_records(work, 8, device), None),
         "w8a8_fsc": lambda: (8, "fsc", *per_timestep_records(work, 8, device)),
     }
@@ -233,10 +235,11 @@ def variants(
         bits, act, records, timesteps = builders[scheme]()
         path = save_quantized(folder / scheme, work.model, records, calibrated_timesteps=timesteps)
         group = max((r.group_size or 0 for r in records), default=0) or None
+        group_scales = None if group is None else ("integer" if scheme.endswith("i") else "float")
         for backend in backends:
             dtype = torch.float32 if backend == "reference" else half
             model = load_quantized(path, backend=backend, attention=attention, dtype=dtype, device=device)
-            row = {"backend": backend, "wbits": bits, "group": group, "abits": 8, "act": act,
+            row = {"backend": backend, "wbits": bits, "group": group, "group_scales": group_scales, "abits": 8, "act": act,
                    "dtype": str(dtype).split(".")[-1], "attention": resolve_attention_mode(attention, backend)}
             out.append((row, model))
     work.model.to(device)
@@ -244,8 +247,8 @@ def variants(
 
 
 def output_key(row: dict) -> tuple:
-    """What identifies a row's model: backend, weight bits, weight group and activation scheme."""
-    return row["backend"], row["wbits"], row.get("group"), row["act"]
+    """What identifies a row's model: backend, weight bits, weight group (and its kind of scales), activation scheme."""
+    return row["backend"], row["wbits"], row.get("group"), row.get("group_scales"), row["act"]
 
 
 def benchmark_workload(
@@ -300,7 +303,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         nargs="*",
         default=list(SCHEMES),
         choices=SCHEMES,
-        help="quantized rows (default: all; w4a8_g64: weights per group of 64; w8a8_fsc: per-timestep activation scales)",
+        help="quantized rows (default: all; w4a8_g64: weights per group of 64; w4a8_g64i: the same with integer group scales; w8a8_fsc: per-timestep activation scales)",
     )
     parser.add_argument("--attention", default="auto", choices=ATTENTION_MODES,
                         help="attention of the quantized rows (auto = fp: SDPA; int8: INT8 Q/K)")
@@ -323,7 +326,7 @@ def run(args: argparse.Namespace) -> int:
     for work in workloads:
         if work is not None:
             rows += benchmark_workload(work, device, backends, args.repeat, tuple(args.schemes), args.attention)
-    print_table(rows, ("model", "steps", "backend", "wbits", "group", "abits", "act", "attention", "dtype", "first_seconds", "seconds",
+    print_table(rows, ("model", "steps", "backend", "wbits", "group", "group_scales", "abits", "act", "attention", "dtype", "first_seconds", "seconds",
                        "compiled_graphs", "speedup_vs_fp32", "speedup_vs_bf16", "weight_bytes", "rel_err_vs_reference",
                        "rel_err_vs_fp32"))
     write_json(args.json_path, {"benchmark": "model", "machine": machine_info(device), "backends": backends, "rows": rows})

@@ -15,8 +15,8 @@ import torch
 from torch import nn
 
 from tfmq_video.errors import ConfigError
-from tfmq_video.quant.affine import IntRange, code_dtype, quantize
-from tfmq_video.quant.quantizers import group_size_for, search_qparams, weight_rows
+from tfmq_video.quant.affine import IntRange, code_dtype, group_multiplier_limit, quantize
+from tfmq_video.quant.quantizers import group_size_for, integer_group_scales, search_qparams, weight_rows
 from tfmq_video.quant.records import ActivationRecord, QuantizedLinearRecord
 from tfmq_video.runtime.conv import CONV_TYPES
 
@@ -30,21 +30,32 @@ class RTNConfig:
     """What to quantize and how: weight bits/grid/group size, activation mode and bits, name patterns.
 
     A layer whose input size is not a multiple of ``group_size`` is quantized per channel, as in
-    calibration.
+    calibration. ``integer_group_scales``: see :class:`~tfmq_video.quant.quantizers.WeightSpec`.
     """
 
     weight_bits: int = 8
     weight_signed: bool = True
     group_size: int | None = None
+    integer_group_scales: bool = False
     activation_mode: str = "dynamic_per_token"
     activation_bits: int = 8
     include: tuple[str, ...] = DEFAULT_INCLUDE
     exclude: tuple[str, ...] = ()
 
+    def __post_init__(self) -> None:
+        if self.integer_group_scales:
+            group_multiplier_limit(IntRange(self.weight_bits, self.weight_signed))
 
-def weight_qparams(weight: torch.Tensor, grid: IntRange, group_size: int | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Min-max scales and zero points, (out, 1) per channel or (out, in // group_size) per group."""
-    scale, zero = search_qparams(weight_rows(weight, group_size), grid, "minmax")
+
+def weight_qparams(
+    weight: torch.Tensor, grid: IntRange, group_size: int | None, integer_scales: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Min-max scales and zero points, (out, 1) per channel or (out, in // group_size) per group
+    (integer multiples of one scale per row with ``integer_scales``)."""
+    rows = weight_rows(weight, group_size)
+    scale, zero = search_qparams(rows, grid, "minmax")
+    if integer_scales and group_size is not None:
+        scale = integer_group_scales(rows, scale, weight.shape[0], grid, "minmax")
     return scale.reshape(weight.shape[0], -1), zero.reshape(weight.shape[0], -1)
 
 
@@ -61,7 +72,7 @@ def rtn_linear_record(
     weight = linear.weight.detach().float()
     weight = weight.reshape(weight.shape[0], -1) if conv else weight
     group_size = group_size_for(weight.shape[1], config.group_size)
-    scale, zero_point = weight_qparams(weight, grid, group_size)
+    scale, zero_point = weight_qparams(weight, grid, group_size, config.integer_group_scales)
     rows = weight_rows(weight, group_size)
     codes = quantize(rows, scale.reshape(-1, 1), zero_point.reshape(-1, 1), grid).reshape(weight.shape)
     if activation is None:

@@ -103,3 +103,48 @@ def minmax_qparams(
     scale = torch.clamp((hi - lo) / (grid.qmax - grid.qmin), min=eps)
     zero_point = torch.clamp(torch.round(grid.qmin - lo / scale), grid.qmin, grid.qmax)
     return scale, zero_point
+
+
+def group_multiplier_limit(grid: IntRange) -> int:
+    """Largest integer group multiplier ``k`` for which every code of the signed ``grid`` times ``k``
+    stays in int8: ``2 ** (8 - bits)`` (16 for 4-bit codes: -8 * 16 = -128, 7 * 16 = 112).
+
+    Integer group scales (:func:`factor_group_scales`) need a symmetric (signed) grid below 8 bits.
+    """
+    if not grid.signed or grid.bits >= 8:
+        kind = "signed" if grid.signed else "unsigned"
+        raise ConfigError(
+            f"integer group scales need symmetric (signed) weights of 2 to 7 bits, got {kind} {grid.bits}-bit; "
+            "set quant.weight.symmetric: true and bits below 8, or turn integer_group_scales off"
+        )
+    return 2 ** (8 - grid.bits)
+
+
+def factor_group_scales(
+    scale: torch.Tensor, limit: int, rtol: float = 1e-5
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Split per-group scales (out, G) into one float scale per row times integer multipliers.
+
+    Returns ``(row_scale (out, 1), multipliers (out, G) int64)`` with ``row_scale * multipliers``
+    equal to ``scale`` within ``rtol`` and every multiplier in ``1..limit``, or None when no such
+    split exists. Per row it tries ``row_scale = max(scale) / m`` for ``m = 1..limit`` and keeps the
+    smallest ``m`` that works, so the multipliers are as small as they can be.
+    """
+    top = scale.amax(dim=1, keepdim=True)
+    if not bool((scale > 0).all()):
+        return None
+    row_scale = torch.zeros_like(top)
+    multipliers = torch.zeros(scale.shape, dtype=torch.int64, device=scale.device)
+    pending = torch.ones(scale.shape[0], dtype=torch.bool, device=scale.device)
+    for m in range(1, limit + 1):
+        candidate = top / m
+        ratio = scale / candidate
+        rounded = ratio.round()
+        fits = ((ratio - rounded).abs() <= rtol * rounded.clamp_min(1)).all(dim=1) & (rounded >= 1).all(dim=1)
+        take = pending & fits
+        row_scale[take] = candidate[take]
+        multipliers[take] = rounded[take].to(torch.int64)
+        pending &= ~take
+        if not bool(pending.any()):
+            return row_scale, multipliers
+    return None

@@ -30,13 +30,16 @@ def _check_bits(value: int) -> int:
 
 
 class WeightConfig(_Section):
-    """Weight quantization: ``bits``, ``symmetric``, ``group_size`` (null = per channel), ``init``."""
+    """Weight quantization: ``bits``, ``symmetric``, ``group_size`` (null = per channel), ``init``,
+    ``integer_group_scales`` (group scales as integer multiples of one scale per row, so the CPU
+    runtime runs one int8 GEMM per layer: see :func:`~tfmq_video.quant.quantizers.integer_group_scales`)."""
 
     bits: int = 8
     symmetric: bool = True
     group_size: int | None = None
     init: Literal["minmax", "percentile", "mse"] = "mse"
     percentile: float = Field(0.999, gt=0.5, le=1.0)
+    integer_group_scales: bool = False
 
     _bits = field_validator("bits")(_check_bits)
 
@@ -47,9 +50,19 @@ class WeightConfig(_Section):
             raise ValueError(f"group_size must be one of {SUPPORTED_GROUP_SIZES} or null (per channel)")
         return value
 
+    @model_validator(mode="after")
+    def _integer_scales(self) -> WeightConfig:
+        if self.integer_group_scales and (self.group_size is None or not self.symmetric or self.bits >= 8):
+            raise ValueError(
+                "integer_group_scales needs weights per group (group_size 64 or 128), symmetric, below 8 bits; "
+                f"got group_size {self.group_size}, symmetric {self.symmetric}, {self.bits} bits"
+            )
+        return self
+
     def spec(self) -> WeightSpec:
         """The quantizer spec."""
-        return WeightSpec(self.bits, self.symmetric, self.group_size, self.init, self.percentile)
+        return WeightSpec(self.bits, self.symmetric, self.group_size, self.init, self.percentile,
+                          self.integer_group_scales)
 
 
 class ActivationConfig(_Section):

@@ -19,7 +19,14 @@ import torch
 from torch import nn
 
 from tfmq_video.errors import ConfigError
-from tfmq_video.quant.affine import IntRange, code_dtype, fake_quantize, minmax_qparams, quantize
+from tfmq_video.quant.affine import (
+    IntRange,
+    code_dtype,
+    fake_quantize,
+    group_multiplier_limit,
+    minmax_qparams,
+    quantize,
+)
 from tfmq_video.quant.context import TimestepContext
 
 InitMethod = Literal["minmax", "percentile", "mse"]
@@ -49,18 +56,26 @@ class StepContext(TimestepContext):
 
 @dataclass(frozen=True)
 class WeightSpec:
-    """How a weight is quantized: bits, symmetric (signed) or not, per channel or per group, init."""
+    """How a weight is quantized: bits, symmetric (signed) or not, per channel or per group, init.
+
+    ``integer_group_scales``: every group scale of a row is an integer multiple of one float scale
+    per row (:func:`integer_group_scales`), so the runtime can expand the codes into one per-channel
+    int8 weight and run a single integer GEMM per layer. No effect per channel.
+    """
 
     bits: int = 8
     symmetric: bool = True
     group_size: int | None = None
     init: InitMethod = "minmax"
     percentile: float = 0.999
+    integer_group_scales: bool = False
 
     def __post_init__(self) -> None:
-        IntRange(self.bits, self.symmetric)
+        grid = IntRange(self.bits, self.symmetric)
         if self.group_size is not None and self.group_size not in SUPPORTED_GROUP_SIZES:
             raise ConfigError(f"weight group_size must be one of {SUPPORTED_GROUP_SIZES} or null, got {self.group_size}")
+        if self.integer_group_scales:
+            group_multiplier_limit(grid)
 
 
 @dataclass(frozen=True)
@@ -136,6 +151,37 @@ def weight_rows(weight: torch.Tensor, group_size: int | None) -> torch.Tensor:
     return flat.reshape(-1, group_size)
 
 
+def integer_group_scales(
+    rows: torch.Tensor, scale: torch.Tensor, out_features: int, grid: IntRange, method: InitMethod
+) -> torch.Tensor:
+    """Snap the group scales (R, 1) of weight ``rows`` (R, g) to ``row_scale * k`` (QServe-style
+    two-level scales), with R = out_features * groups and a symmetric ``grid``.
+
+    Per output row, ``row_scale`` is the row's largest group scale over ``K`` =
+    :func:`~tfmq_video.quant.affine.group_multiplier_limit` and each group's integer ``k`` in 1..K is
+    the one with the lowest squared rounding error of the group, among all of 1..K (``mse``) or the
+    two next to the searched scale (``minmax``, ``percentile``: the step moves by less than one
+    ``row_scale``, and the largest group keeps its scale).
+    """
+    limit = group_multiplier_limit(grid)
+    rows = rows.detach().float()
+    per_row = scale.reshape(out_features, -1)
+    unit = (per_row.amax(dim=1, keepdim=True) / limit).expand_as(per_row).reshape(-1, 1)
+    if method == "mse":
+        candidates = [unit * k for k in range(1, limit + 1)]
+    else:
+        below = torch.clamp(torch.floor(scale / unit + 1e-6), 1, limit)
+        candidates = [unit * below, unit * torch.clamp(below + 1, max=limit)]
+    best_err = torch.full_like(unit, math.inf)
+    best = unit.clone()
+    for candidate in candidates:
+        err = (fake_quantize(rows, candidate, 0.0, grid) - rows).pow(2).sum(dim=1, keepdim=True)
+        better = err < best_err
+        best_err = torch.where(better, err, best_err)
+        best = torch.where(better, candidate, best)
+    return best
+
+
 class WeightQuantizer(nn.Module):
     """Fake quantizer of one weight tensor (see module docstring).
 
@@ -157,8 +203,10 @@ class WeightQuantizer(nn.Module):
 
     def initialize(self, weight: torch.Tensor) -> None:
         """Set scale and zero point from ``weight`` by the spec's init method."""
-        scale, zero = search_qparams(weight_rows(weight, self.spec.group_size), self.grid, self.spec.init,
-                                     self.spec.percentile)
+        rows = weight_rows(weight, self.spec.group_size)
+        scale, zero = search_qparams(rows, self.grid, self.spec.init, self.spec.percentile)
+        if self.spec.integer_group_scales and self.spec.group_size is not None:
+            scale = integer_group_scales(rows, scale, self.weight_shape[0], self.grid, self.spec.init)
         with torch.no_grad():
             self.scale.copy_(scale)
             self.zero_point.copy_(zero)
@@ -218,7 +266,8 @@ class WeightQuantizer(nn.Module):
         return out.reshape(self.weight_shape).to(weight.dtype)
 
     def extra_repr(self) -> str:
-        return f"bits={self.spec.bits}, symmetric={self.spec.symmetric}, group_size={self.spec.group_size}"
+        integer = ", integer_group_scales=True" if self.spec.integer_group_scales else ""
+        return f"bits={self.spec.bits}, symmetric={self.spec.symmetric}, group_size={self.spec.group_size}{integer}"
 
 
 # --------------------------------------------------------------------------- activations

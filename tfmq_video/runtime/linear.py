@@ -18,7 +18,16 @@ from torch import nn
 from tfmq_video.errors import ConfigError
 from tfmq_video.export.packing import pack_int4, unpack_int4
 from tfmq_video.kernels.intmath import weight_correction
-from tfmq_video.quant.affine import IntRange, code_dtype, dequantize, int8_offset, minmax_qparams, quantize
+from tfmq_video.quant.affine import (
+    IntRange,
+    code_dtype,
+    dequantize,
+    factor_group_scales,
+    group_multiplier_limit,
+    int8_offset,
+    minmax_qparams,
+    quantize,
+)
 from tfmq_video.quant.context import TimestepContext
 from tfmq_video.quant.records import ActivationRecord, QuantizedLinearRecord
 from tfmq_video.runtime import int_ops
@@ -303,19 +312,40 @@ class QuantLinear(nn.Module):
             self._cache[key] = self.dequantized_weight().to(dtype)
         return self._cache[key]  # type: ignore[return-value]
 
+    def integer_group_factors(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """``(row_scale (out, 1), multipliers (out, G))`` when the layer's group scales are integer
+        multiples of one scale per row on a symmetric grid whose codes times the multipliers fit in
+        int8 (weights calibrated with ``integer_group_scales``), else None."""
+        if self.group_size is None or not self.weight_grid.signed or self.weight_grid.bits >= 8:
+            return None
+        if bool((self.weight_zero_point != 0).any()):
+            return None
+        return factor_group_scales(self.weight_scale, group_multiplier_limit(self.weight_grid))
+
+    def _integer_operands(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The integer GEMM's weight: int8 codes (out, in), scales and zero points (out, G), zero points
+        shifted like the codes. Integer group scales are folded into the codes, so G is 1 for them."""
+        factors = self.integer_group_factors()
+        if factors is not None:
+            row_scale, multipliers = factors
+            grouped = self.codes().to(torch.int16).reshape(self.out_features, multipliers.shape[1], -1)
+            codes = (grouped * multipliers.to(torch.int16).unsqueeze(-1)).reshape(self.out_features, -1)
+            return codes.to(torch.int8), row_scale.float(), torch.zeros_like(row_scale, dtype=torch.float32)
+        offset = int8_offset(self.weight_grid)
+        codes = (self.codes().to(torch.int16) - offset).to(torch.int8)
+        return codes, self.weight_scale, self.weight_zero_point - offset
+
     def _integer_weight(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """int8 codes (in, out) shifted into int8, their zero points (G, out) and the correction C."""
+        """int8 codes (in, out) shifted into int8, their scales and zero points (G, out), and the correction C."""
         if "w_t" not in self._cache:
-            offset = int8_offset(self.weight_grid)
-            codes = (self.codes().to(torch.int16) - offset).to(torch.int8)
-            zero = self.weight_zero_point - offset
+            codes, weight_scale, zero = self._integer_operands()
             self._cache["w_t"] = codes.t().contiguous()
             self._cache["w_zero"] = zero.t().contiguous() if bool((zero != 0).any()) else None
-            self._cache["w_scale"] = self.weight_scale.t().contiguous()
-            self._cache["correction"] = weight_correction(codes, self.weight_scale, zero)
+            self._cache["w_scale"] = weight_scale.t().contiguous()
+            self._cache["correction"] = weight_correction(codes, weight_scale, zero)
             if self.backend == "cpu" and self._cache["w_zero"] is None and zero.shape[1] == 1 and int_ops.onednn_available():
                 self._cache["onednn"] = int_ops.onednn_prepack(codes)
-                self._cache["onednn_scale"] = self.weight_scale.reshape(-1).contiguous()
+                self._cache["onednn_scale"] = weight_scale.reshape(-1).contiguous()
         return self._cache["w_t"], self._cache["w_scale"], self._cache["w_zero"]  # type: ignore[return-value]
 
     def _forward_cpu(self, x2d: torch.Tensor) -> torch.Tensor:
