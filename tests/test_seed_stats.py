@@ -170,3 +170,22 @@ def test_bench_seeds_bad_input_fails_cleanly(tmp_path: Path, capsys: pytest.Capt
     assert main(["bench", "seeds", str(tmp_path / "a.json"), "--methods", "gptq"]) == 2
     assert "no rows of ['gptq']" in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_tags_compare_one_method_across_recipes(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    (tmp_path / "run_g64.json").write_text(json.dumps({"rows": FP_ROWS + _rows("tfmq", {0: 0.2, 1: 0.3, 2: 0.25})}))
+    (tmp_path / "run_g64i.json").write_text(json.dumps({"rows": FP_ROWS + _rows("tfmq", {0: 0.1, 1: 0.2, 2: 0.15})}))
+    out = tmp_path / "s.json"
+    runs = [str(tmp_path / "run_g64.json"), str(tmp_path / "run_g64i.json")]
+    assert main(["bench", "seeds", *runs, "--tag", "*g64i.json=int", "*g64.json=float", "--methods", "tfmq",
+                 "--metrics", "fvd_fp", "--json", str(out)]) == 0
+    record = json.loads(out.read_text())
+    assert sorted({row["method"] for row in record["rows"]}) == ["fp", "fp-reseed", "tfmq@float", "tfmq@int"]
+    by_pair = {(c["method_a"], c["method_b"]): c for c in record["comparisons"]}
+    assert by_pair["tfmq@int", "tfmq@float"]["paired_wins"] == 1.0
+    assert by_pair["tfmq@int", "tfmq@float"]["paired_p"] == pytest.approx(1 / 8)
+    # without tags the same method and seeds from two runs disagree: refused, not silently merged
+    assert main(["bench", "seeds", *runs]) == 2
+    assert "same method and calibration seed gave other videos" in capsys.readouterr().err
+    assert main(["bench", "seeds", *runs, "--tag", "nolabel"]) == 2
+    assert "use PATTERN=LABEL" in capsys.readouterr().err

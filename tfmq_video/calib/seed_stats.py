@@ -22,6 +22,7 @@ pairwise comparisons, writes them as JSON and plots the values with the FP noise
 
 from __future__ import annotations
 
+import fnmatch
 import json
 import math
 from collections.abc import Sequence
@@ -108,12 +109,35 @@ def merge_runs(records: Sequence[tuple[str, dict[str, Any]]]) -> list[dict[str, 
     return [row for _, row in merged.values()]
 
 
-def load_runs(paths: Sequence[Path]) -> list[dict[str, Any]]:
-    """:func:`merge_runs` of the JSON files at ``paths``."""
+def parse_tags(specs: Sequence[str]) -> list[tuple[str, str]]:
+    """``PATTERN=LABEL`` strings as (fnmatch pattern over run paths, label) pairs."""
+    tags = []
+    for spec in specs:
+        pattern, sep, label = spec.rpartition("=")
+        if not sep or not pattern or not label or "@" in label:
+            raise ConfigError(f"--tag {spec!r}: use PATTERN=LABEL, e.g. '*g64i*=g64i' (a label without '@')")
+        tags.append((pattern, label))
+    return tags
+
+
+def tag_rows(name: str, record: Any, tags: Sequence[tuple[str, str]]) -> Any:
+    """``record`` with ``@LABEL`` added to its non-FP methods, LABEL from the first tag whose pattern
+    matches the run's path ``name`` (unchanged when none does). FP rows keep their names: tagged runs
+    of other recipes still share (and are checked against) the same FP videos."""
+    label = next((label for pattern, label in tags if fnmatch.fnmatchcase(name, pattern)), None)
+    if label is None or not isinstance(record, dict) or not isinstance(record.get("rows"), list):
+        return record
+    rows = [row if row.get("method") in FP_METHODS else {**row, "method": f"{row.get('method')}@{label}"}
+            for row in record["rows"]]
+    return {**record, "rows": rows}
+
+
+def load_runs(paths: Sequence[Path], tags: Sequence[tuple[str, str]] = ()) -> list[dict[str, Any]]:
+    """:func:`merge_runs` of the JSON files at ``paths``, methods tagged by :func:`tag_rows`."""
     records = []
     for path in paths:
         try:
-            records.append((str(path), json.loads(Path(path).read_text())))
+            records.append((str(path), tag_rows(str(path), json.loads(Path(path).read_text()), tags)))
         except FileNotFoundError:
             raise ConfigError(f"{path}: no such file (a JSON written by `tfmq-video bench quality --json`)") from None
         except json.JSONDecodeError as err:

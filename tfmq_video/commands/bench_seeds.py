@@ -22,7 +22,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("runs", nargs="+", type=Path, help="JSON files written by `bench quality --json`")
     parser.add_argument("--metrics", nargs="+", default=["fvd_fp", "fvd", "psnr_fp"],
                         help="row keys to compare (default: fvd_fp fvd psnr_fp)")
-    parser.add_argument("--methods", nargs="+", default=None, help="keep only these methods (default: all)")
+    parser.add_argument("--methods", nargs="+", default=None,
+                        help="keep only these methods, tagged or not (default: all)")
+    parser.add_argument("--tag", nargs="+", default=[], metavar="PATTERN=LABEL",
+                        help="compare recipes: the methods of runs whose path matches PATTERN (fnmatch) become "
+                             "METHOD@LABEL, e.g. --tag '*g64i*=g64i' '*g64_*=g64' (the first match counts)")
     parser.add_argument("--json", type=Path, default=None, help="where to write the merged rows and comparisons")
     parser.add_argument("--plot", type=Path, default=None, help="PNG: per-seed values per method and metric")
 
@@ -36,6 +40,7 @@ def run(args: argparse.Namespace) -> int:
         compare_methods,
         comparisons_table,
         load_runs,
+        parse_tags,
         plot_seeds,
         seeds_table,
     )
@@ -43,12 +48,14 @@ def run(args: argparse.Namespace) -> int:
     unknown = sorted(set(args.metrics) - set(METRIC_DIRECTION))
     if unknown:
         raise ConfigError(f"unknown metrics {unknown}; available: {sorted(METRIC_DIRECTION)}")
-    rows = load_runs(args.runs)
+    rows = load_runs(args.runs, parse_tags(args.tag))
     if args.methods:
-        missing = sorted(set(args.methods) - {row["method"] for row in rows})
+        names = {name for row in rows for name in (row["method"], row["method"].split("@")[0])}
+        missing = sorted(set(args.methods) - names)
         if missing:
             raise ConfigError(f"no rows of {missing} in the given runs")
-        rows = [row for row in rows if row["method"] in (*args.methods, *FP_METHODS)]
+        keep = (*args.methods, *FP_METHODS)
+        rows = [row for row in rows if row["method"] in keep or row["method"].split("@")[0] in keep]
     comparisons = [c for metric in args.metrics for c in compare_methods(rows, metric)]
     print(seeds_table(rows, args.metrics))
     print()

@@ -533,7 +533,8 @@ class QuantLinear(nn.Module):
         act = self.activation
         return (
             f"in={self.in_features}, out={self.out_features}, w{self.weight_grid.bits}"
-            f"{'' if self.group_size is None else f'g{self.group_size}'}a{act.bits if act.mode != 'none' else 16} "
+            f"{'' if self.group_size is None else f'g{self.group_size}'}"
+            f"{'i' if self.integer_group_factors() is not None else ''}a{act.bits if act.mode != 'none' else 16} "
             f"({act.mode}), backend={self.backend}"
         )
 
