@@ -60,17 +60,23 @@ def test_bench_model_attention_option_reaches_the_quantized_rows() -> None:
 
 
 def test_bench_model_w4a8_g64_rows_are_per_group_and_compared_with_their_own_reference() -> None:
-    """``bench model --schemes w4a8 w4a8_g64``: the group rows carry ``group`` 64, their error vs
+    """``bench model --schemes w4a8 w4a8_g64 w4a8_g64i``: the group rows carry ``group`` 64 (and
+    float or integer ``group_scales``), their error vs
     reference is against the g64 reference (not the per-channel one), and finer scales bring the
     W4 output closer to fp32 than per-channel scales."""
     from tfmq_video.bench.model import benchmark_workload, toy_workload
 
     work = toy_workload(steps=1)
     assert work is not None
-    rows = benchmark_workload(work, torch.device("cpu"), ["reference", "cpu"], 1, ("w4a8", "w4a8_g64"))
-    w4 = {(r["backend"], r["group"]): r for r in rows if r["wbits"] == 4}
-    assert set(w4) == {("reference", None), ("cpu", None), ("reference", 64), ("cpu", 64)}
-    assert w4[("reference", 64)]["rel_err_vs_reference"] == 0.0
+    rows = benchmark_workload(work, torch.device("cpu"), ["reference", "cpu"], 1, ("w4a8", "w4a8_g64", "w4a8_g64i"))
+    w4 = {(r["backend"], r["group"], r["group_scales"]): r for r in rows if r["wbits"] == 4}
+    assert set(w4) == {(backend, group, kind) for backend in ("reference", "cpu")
+                       for group, kind in ((None, None), (64, "float"), (64, "integer"))}
+    assert w4[("reference", 64, "float")]["rel_err_vs_reference"] == 0.0
+    assert w4[("reference", 64, "integer")]["rel_err_vs_reference"] == 0.0  # its own reference, not float g64's
+    assert 0 < w4[("cpu", 64, "integer")]["rel_err_vs_reference"] < 2 * next(
+        r for r in rows if r["wbits"] == 16)["rel_err_vs_fp32"]
+    w4 = {(backend, group): row for (backend, group, kind), row in w4.items() if kind != "integer"}
     # the cpu rows run in bf16: against their float32 reference they differ as much as bf16 from fp32
     bf16_error = next(r for r in rows if r["wbits"] == 16)["rel_err_vs_fp32"]
     assert 0 < w4[("cpu", 64)]["rel_err_vs_reference"] < 2 * bf16_error
