@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from tests.test_export_conv_uint8 import EXPORT_RTOL, STEPS, calibrated, model_inputs, rel
+from tfmq_video.calib.baselines import method_recipe
 from tfmq_video.errors import ConfigError
 from tfmq_video.export import RTNConfig, load_quantized, save_quantized
 from tfmq_video.export.rtn import rtn_linear_record
@@ -152,3 +153,11 @@ def test_calibrated_checkpoint_with_integer_group_scales_round_trips(tmp_path: P
     for t in STEPS:
         with torch.no_grad():
             assert rel(loaded(**model_inputs(t)), qmodel(**model_inputs(t))) < EXPORT_RTOL["cpu"]
+
+
+def test_method_recipes_keep_integer_scales_below_8_bits_only() -> None:
+    base = parse_config({"quant": {"weight": INTEGER_G64}})
+    assert method_recipe("tfmq", 4, 8, base).quant.weight.integer_group_scales
+    assert method_recipe("rtn", 4, 8, base).quant.weight.integer_group_scales
+    w8 = method_recipe("tfmq", 8, 8, base).quant.weight  # a W8A8 row of a sweep still runs
+    assert not w8.integer_group_scales and w8.group_size == 64

@@ -22,10 +22,13 @@
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from tfmq_video.errors import ConfigError
 from tfmq_video.quant.config import RecipeConfig, parse_config
+
+LOGGER = logging.getLogger(__name__)
 
 TIB_OFF = {"keep_fp": False, "tiar": False, "fsc": False, "cache": False, "select": False,
            "layerwise_reconstruction": False, "in_block_layers": "tib"}
@@ -70,5 +73,9 @@ def method_recipe(method: str, wbits: int, abits: int, base: RecipeConfig | None
     raw["tib"].update(overrides["tib"])
     raw["reconstruction"].update(overrides["reconstruction"])
     raw["quant"]["weight"].update({"bits": wbits, **overrides.get("weight", {})})
+    if wbits >= 8 and raw["quant"]["weight"].get("integer_group_scales"):
+        # 8-bit codes times a multiplier leave int8: a W8 setting of the recipe keeps float group scales
+        LOGGER.info("W%d: integer group scales need codes below 8 bits; %s uses float group scales", wbits, method)
+        raw["quant"]["weight"]["integer_group_scales"] = False
     raw["quant"]["activation"].update({"bits": abits, **overrides.get("activation", {})})
     return parse_config(raw, f"(method {method} W{wbits}A{abits})")
