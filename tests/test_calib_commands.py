@@ -73,6 +73,8 @@ def test_bench_quality_end_to_end_small(tmp_path: Path) -> None:
     assert floor["seed_sets"] == 3 and floor["fvd"] == pytest.approx(sum(fvds) / 3)
     assert floor["fvd_std"] > 0 and floor["fvd_fp"] > 0  # other seeds: other videos
     assert [(e["method"], e["seeds"]) for e in record["seed_summary"]] == [("rtn", 2)]
+    # the recipe's weight granularity travels with its rows (the default toy recipe: per channel)
+    assert {(r["weight_group_size"], r["integer_group_scales"]) for r in record["rows"][3:]} == {(None, False)}
     assert (tmp_path / "q.png").is_file()
     assert record["rows"][0]["label_flips_fp"] == 0.0  # FP against itself
     assert all(r["label_flips_fp"] in (0.0, 0.25, 0.5, 0.75, 1.0) for r in record["rows"])  # shares of 4 videos

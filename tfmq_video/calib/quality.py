@@ -240,6 +240,8 @@ def quality_table(plan: QualityPlan, progress: bool = False) -> tuple[list[dict[
                     calib_seconds=qmodel.report["seconds"]["total"] + record_seconds,
                     quantized_weight_fraction=qmodel.quantized_weight_fraction(), calib_seed=calib_seed,
                     block_output_errors=block_output_errors(qmodel.report),
+                    weight_group_size=recipe.quant.weight.group_size,
+                    integer_group_scales=recipe.quant.weight.integer_group_scales,
                 ))
                 suffix = f" seed {calib_seed}" if len(seeds) > 1 else ""
                 curves[f"{method}{suffix} W{wbits}A{abits}"] = per_step_error(temporal["final"])
