@@ -202,6 +202,13 @@ def per_timestep_records(work: Workload, bits: int, device: torch.device | None 
     return records, timesteps
 
 
+# RTN weights with dynamic per-token activations, by scheme name
+RTN_SCHEMES = {
+    "w8a8": RTNConfig(weight_bits=8),
+    "w4a8": RTNConfig(weight_bits=4),
+    "w4a8_g64": RTNConfig(weight_bits=4, group_size=64),
+    "w4a8_g64i": RTNConfig(weight_bits=4, group_size=64, integer_group_scales=True),
+}
 SCHEMES = ("w8a8", "w4a8", "w4a8_g64", "w4a8_g64i", "w8a8_static", "w8a8_fsc")
 
 
@@ -223,19 +230,17 @@ def variants(
     ]
     work.model.cpu()
     builders = {
-        "w8a8": lambda: (8, "dynamic", rtn_records(work.model, RTNConfig(weight_bits=8)), None),
-        "w4a8": lambda: (4, "dynamic", rtn_records(work.model, RTNConfig(weight_bits=4)), None),
-        "w4a8_g64": lambda: (4, "dynamic", rtn_records(work.model, RTNConfig(weight_bits=4, group_size=64)), None),
-        "w4a8_g64i": lambda: (4, "dynamic", rtn_records(
-            work.model, RTNConfig(weight_bits=4, group_size=64, integer_group_scales=True)), None),
-        "w8a8_static": lambda: (8, "static", static_records(work, 8, device), None),
-        "w8a8_fsc": lambda: (8, "fsc", *per_timestep_records(work, 8, device)),
+        name: (lambda config=config: (config.weight_bits, "dynamic", rtn_records(work.model, config), None))
+        for name, config in RTN_SCHEMES.items()
     }
+    builders["w8a8_static"] = lambda: (8, "static", static_records(work, 8, device), None)
+    builders["w8a8_fsc"] = lambda: (8, "fsc", *per_timestep_records(work, 8, device))
     for scheme in schemes:
         bits, act, records, timesteps = builders[scheme]()
         path = save_quantized(folder / scheme, work.model, records, calibrated_timesteps=timesteps)
         group = max((r.group_size or 0 for r in records), default=0) or None
-        group_scales = None if group is None else ("integer" if scheme.endswith("i") else "float")
+        integer = scheme in RTN_SCHEMES and RTN_SCHEMES[scheme].integer_group_scales
+        group_scales = None if group is None else ("integer" if integer else "float")
         for backend in backends:
             dtype = torch.float32 if backend == "reference" else half
             model = load_quantized(path, backend=backend, attention=attention, dtype=dtype, device=device)

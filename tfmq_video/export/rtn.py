@@ -16,7 +16,7 @@ from torch import nn
 
 from tfmq_video.errors import ConfigError
 from tfmq_video.quant.affine import IntRange, code_dtype, group_multiplier_limit, quantize
-from tfmq_video.quant.quantizers import group_size_for, integer_group_scales, search_qparams, weight_rows
+from tfmq_video.quant.quantizers import group_size_for, search_weight_qparams, weight_rows
 from tfmq_video.quant.records import ActivationRecord, QuantizedLinearRecord
 from tfmq_video.runtime.conv import CONV_TYPES
 
@@ -52,10 +52,7 @@ def weight_qparams(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Min-max scales and zero points, (out, 1) per channel or (out, in // group_size) per group
     (integer multiples of one scale per row with ``integer_scales``)."""
-    rows = weight_rows(weight, group_size)
-    scale, zero = search_qparams(rows, grid, "minmax")
-    if integer_scales and group_size is not None:
-        scale = integer_group_scales(rows, scale, weight.shape[0], grid, "minmax")
+    scale, zero = search_weight_qparams(weight, grid, "minmax", group_size, integer_scales=integer_scales)
     return scale.reshape(weight.shape[0], -1), zero.reshape(weight.shape[0], -1)
 
 

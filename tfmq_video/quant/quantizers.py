@@ -182,6 +182,20 @@ def integer_group_scales(
     return best
 
 
+def search_weight_qparams(
+    weight: torch.Tensor, grid: IntRange, method: InitMethod, group_size: int | None = None,
+    percentile: float = 0.999, integer_scales: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`search_qparams` of ``weight`` (out, ...) per channel or per group (shape (R, 1), rows
+    as in :func:`weight_rows`), group scales snapped by :func:`integer_group_scales` when
+    ``integer_scales`` is set. Calibration and RTN export both set weights up here."""
+    rows = weight_rows(weight, group_size)
+    scale, zero = search_qparams(rows, grid, method, percentile)
+    if integer_scales and group_size is not None:
+        scale = integer_group_scales(rows, scale, weight.shape[0], grid, method)
+    return scale, zero
+
+
 class WeightQuantizer(nn.Module):
     """Fake quantizer of one weight tensor (see module docstring).
 
@@ -203,10 +217,9 @@ class WeightQuantizer(nn.Module):
 
     def initialize(self, weight: torch.Tensor) -> None:
         """Set scale and zero point from ``weight`` by the spec's init method."""
-        rows = weight_rows(weight, self.spec.group_size)
-        scale, zero = search_qparams(rows, self.grid, self.spec.init, self.spec.percentile)
-        if self.spec.integer_group_scales and self.spec.group_size is not None:
-            scale = integer_group_scales(rows, scale, self.weight_shape[0], self.grid, self.spec.init)
+        spec = self.spec
+        scale, zero = search_weight_qparams(weight, self.grid, spec.init, spec.group_size, spec.percentile,
+                                            spec.integer_group_scales)
         with torch.no_grad():
             self.scale.copy_(scale)
             self.zero_point.copy_(zero)
